@@ -1,0 +1,473 @@
+//! [`Server`] (exports) and [`ServerHandle`] (running listeners and
+//! connections).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+
+use crate::backend::Backend;
+use crate::conn::{Connection, Export};
+use crate::MAX_STRING;
+
+/// Why an export could not be added to a [`Server`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExportError {
+    /// The name is empty; the empty name is reserved for choosing the
+    /// default export (see the crate documentation).
+    #[error("export name must not be empty")]
+    EmptyName,
+    /// The name or description is longer than the protocol's 4096-byte
+    /// string limit.
+    #[error("export name or description of {0} bytes exceeds 4096 bytes")]
+    TooLong(usize),
+    /// The name or description contains a NUL byte, which NBD strings must not.
+    #[error("export name or description contains a NUL byte")]
+    ContainsNul,
+    /// An export of that name already exists.
+    #[error("export '{0}' already exists")]
+    Duplicate(String),
+}
+
+/// A set of named exports, ready to be served.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use nbd_server::{bind_unix_socket, FileBackend, Listener, Server};
+///
+/// let mut server = Server::new();
+/// let disk = FileBackend::open("disk.raw".as_ref(), false)?;
+/// server.add_export("disk", Arc::new(disk))?;
+/// let listener = bind_unix_socket("/run/nbd.sock".as_ref())?;
+/// let handle = server.serve(vec![Listener::Unix(listener)])?;
+/// // ... qemu-io -f raw 'nbd+unix:///disk?socket=/run/nbd.sock' ...
+/// handle.shutdown();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Default)]
+pub struct Server {
+    exports: Vec<Export>,
+}
+
+impl Server {
+    /// A server with no exports.
+    pub fn new() -> Self {
+        Server::default()
+    }
+
+    /// Adds an export named `name`. Exports are listed (`NBD_OPT_LIST`) in
+    /// the order they were added.
+    ///
+    /// # Errors
+    /// [`ExportError`] if the name is empty, longer than 4096 bytes, contains
+    /// NUL, or is already taken.
+    pub fn add_export(
+        &mut self,
+        name: impl Into<String>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<&mut Self, ExportError> {
+        self.add(name.into(), None, backend)
+    }
+
+    /// Adds an export with a human-readable description, sent to clients in
+    /// `NBD_OPT_LIST` replies and as `NBD_INFO_DESCRIPTION` (e.g. shown by
+    /// `nbdinfo`).
+    ///
+    /// # Errors
+    /// As [`add_export`](Self::add_export); the description obeys the same
+    /// length and NUL rules.
+    pub fn add_export_with_description(
+        &mut self,
+        name: impl Into<String>,
+        description: impl Into<String>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<&mut Self, ExportError> {
+        self.add(name.into(), Some(description.into()), backend)
+    }
+
+    fn add(
+        &mut self,
+        name: String,
+        description: Option<String>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<&mut Self, ExportError> {
+        if name.is_empty() {
+            return Err(ExportError::EmptyName);
+        }
+        for s in std::iter::once(&name).chain(description.as_ref()) {
+            if s.len() > MAX_STRING {
+                return Err(ExportError::TooLong(s.len()));
+            }
+            if s.contains('\0') {
+                return Err(ExportError::ContainsNul);
+            }
+        }
+        if self.exports.iter().any(|e| e.name == name) {
+            return Err(ExportError::Duplicate(name));
+        }
+        self.exports.push(Export {
+            name,
+            description,
+            backend,
+        });
+        Ok(self)
+    }
+
+    /// Names of the exports, in order.
+    pub fn export_names(&self) -> impl Iterator<Item = &str> {
+        self.exports.iter().map(|e| e.name.as_str())
+    }
+
+    /// Starts serving: one thread accepts on each listener, and one thread
+    /// serves each connection. Returns at once.
+    ///
+    /// Serving a TCP listener exposes the exports to whoever can reach it
+    /// (there is no TLS and no authentication); pass one only on purpose.
+    ///
+    /// # Errors
+    /// If a helper thread or the internal wake-up socket cannot be created.
+    pub fn serve(self, listeners: Vec<Listener>) -> io::Result<ServerHandle> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        let shared = Arc::new(Shared {
+            exports: self.exports,
+            stopping: AtomicBool::new(false),
+            wake_rx,
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        let mut accept_threads = Vec::new();
+        for listener in listeners {
+            let shared2 = Arc::clone(&shared);
+            let spawned = thread::Builder::new()
+                .name("nbd-accept".into())
+                .spawn(move || accept_loop(&shared2, listener));
+            match spawned {
+                Ok(t) => accept_threads.push(t),
+                Err(e) => {
+                    shared.stopping.store(true, Ordering::SeqCst);
+                    let _ = wake_tx.shutdown(Shutdown::Both);
+                    for t in accept_threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ServerHandle {
+            shared,
+            wake_tx,
+            accept_threads: Mutex::new(accept_threads),
+        })
+    }
+}
+
+/// A socket to accept NBD clients on.
+#[derive(Debug)]
+pub enum Listener {
+    /// A Unix-domain socket, e.g. from [`bind_unix_socket`].
+    Unix(UnixListener),
+    /// A TCP socket. Accepted connections get `TCP_NODELAY`.
+    Tcp(TcpListener),
+}
+
+impl From<UnixListener> for Listener {
+    fn from(l: UnixListener) -> Self {
+        Listener::Unix(l)
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+/// Binds a Unix-domain socket at `path` that only the owner may connect to
+/// (mode 0600).
+///
+/// The socket is created under a temporary name in the same directory,
+/// restricted to 0600, and renamed into place, so no other user can connect
+/// through `path` during setup whatever the umask. A stale socket at `path`
+/// (nobody accepting on it) is replaced; a live one gives
+/// [`io::ErrorKind::AddrInUse`], and anything that is not a socket
+/// [`io::ErrorKind::AlreadyExists`]. The socket file is never removed by the
+/// server: delete it when done.
+///
+/// # Errors
+/// As above, plus whatever `bind`, `chmod` or `rename` fail with.
+pub fn bind_unix_socket(path: &Path) -> io::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another server", path.display()),
+                ));
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name")
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = path.with_file_name(tmp_name);
+    let listener = UnixListener::bind(&tmp)?;
+    let result = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// State shared by the handle, the accept threads and the connections.
+struct Shared {
+    exports: Vec<Export>,
+    stopping: AtomicBool,
+    /// Becomes readable (EOF) when the handle shuts `wake_tx` down.
+    wake_rx: UnixStream,
+    next_id: AtomicU64,
+    /// Sockets of open connections, to shut them down on request.
+    open: Mutex<HashMap<u64, Stream>>,
+    /// Connection threads not yet joined.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Locks ignoring poisoning: the protected data stays consistent because no
+/// code panics while holding these locks.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Waits until `listener` has a client or the server stops; `true` if the
+/// server stops.
+fn wait_readable(shared: &Shared, listener: &impl AsFd) -> bool {
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(&shared.wake_rx, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {
+                if !fds[1].revents().is_empty() || shared.stopping.load(Ordering::SeqCst) {
+                    return true;
+                }
+                if !fds[0].revents().is_empty() {
+                    return false;
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
+    loop {
+        let stop = match &listener {
+            Listener::Unix(l) => wait_readable(shared, l),
+            Listener::Tcp(l) => wait_readable(shared, l),
+        };
+        if stop {
+            return;
+        }
+        let accepted = match &listener {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }),
+        };
+        match accepted {
+            Ok(stream) => spawn_connection(shared, stream),
+            // Out of file descriptors and the like: back off instead of spinning.
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                thread::sleep(Duration::from_millis(50))
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Removes the connection from the open set when its thread ends, however it
+/// ends.
+struct OpenGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.open).remove(&self.id);
+    }
+}
+
+fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
+    // Two handles on the socket for the connection (reader, writer) and one
+    // kept to shut it down from `disconnect_all`.
+    let (Ok(reader), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
+        return;
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.open).insert(id, control);
+    let shared2 = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let _guard = OpenGuard {
+                shared: &shared2,
+                id,
+            };
+            // A connection's end, clean or not, concerns only that client.
+            let _ = Connection::new(reader, stream, &shared2.exports, &shared2.stopping).run();
+        });
+    match spawned {
+        Ok(t) => {
+            let mut threads = lock(&shared.threads);
+            threads.retain(|t| !t.is_finished());
+            threads.push(t);
+        }
+        Err(_) => {
+            // The closure was dropped with the socket; forget it.
+            if let Some(s) = lock(&shared.open).remove(&id) {
+                s.shutdown();
+            }
+        }
+    }
+}
+
+/// Controls a running [`Server`]. Dropping the handle does not stop the
+/// server; its threads then run until the process ends.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    wake_tx: UnixStream,
+    accept_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting new connections (the listeners are closed once their
+    /// threads notice, which is immediate). Open connections go on; clients
+    /// still negotiating get `NBD_REP_ERR_SHUTDOWN` to further options.
+    /// Idempotent.
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.wake_tx.shutdown(Shutdown::Both);
+    }
+
+    /// Hard-disconnects every open connection: a request being executed
+    /// completes, but its reply and any later requests are lost. Clients that
+    /// connect afterwards are not affected (call [`stop`](Self::stop) first).
+    pub fn disconnect_all(&self) {
+        for s in lock(&self.shared.open).values() {
+            s.shutdown();
+        }
+    }
+
+    /// Number of connections currently open.
+    pub fn connection_count(&self) -> usize {
+        lock(&self.shared.open).len()
+    }
+
+    /// Waits until the server is stopped and every connection has ended.
+    /// Without a [`stop`](Self::stop) (from another thread) this waits
+    /// forever.
+    pub fn wait(&self) {
+        for t in lock(&self.accept_threads).drain(..) {
+            let _ = t.join();
+        }
+        loop {
+            let threads: Vec<_> = lock(&self.shared.threads).drain(..).collect();
+            if threads.is_empty() {
+                return;
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Stops accepting, disconnects every client and waits for all threads:
+    /// `stop`, `disconnect_all`, `wait`.
+    pub fn shutdown(&self) {
+        self.stop();
+        self.disconnect_all();
+        self.wait();
+    }
+}
