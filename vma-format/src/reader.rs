@@ -1,0 +1,597 @@
+//! The streaming reader: header, then extents, checked as they pass, their
+//! clusters pushed into a [`ClusterSink`].
+//!
+//! It never seeks, so it reads pipes. Memory is bounded: one extent's data
+//! (at most 59 × 64 KiB), and one bit per cluster actually present.
+
+use std::io::{self, Read};
+use std::ops::Range;
+
+use crate::bitmap::ClusterBitmap;
+use crate::cluster::{BlockMask, Cluster};
+use crate::error::{Error, Location};
+use crate::extent::ExtentHeader;
+use crate::header::VmaHeader;
+use crate::{BLOCK_SIZE, EXTENT_HEADER_SIZE, EXTENT_SLOTS};
+
+/// What a sink wants after a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on reading.
+    Continue,
+    /// Stop reading; [`Archive::run`] returns with [`Summary::stopped`] set.
+    Stop,
+}
+
+/// Receives what the reader finds. Extract, verify, index and salvage are
+/// sinks over the same reader, so the checks live in the reader once.
+///
+/// The reader calls `begin` once, `cluster` for each cluster in archive order
+/// (each (device, cluster) at most once, every check of it already passed,
+/// data checksum included), then `finish` once if the archive was read to its
+/// end (or a sink asked to stop). An error — from the archive or from the
+/// sink — ends reading without `finish`.
+pub trait ClusterSink {
+    /// Called before the first cluster.
+    fn begin(&mut self, _header: &VmaHeader) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Called for each cluster.
+    fn cluster(&mut self, cluster: &Cluster<'_>) -> io::Result<Flow>;
+
+    /// Called after the last cluster and the end-of-archive checks.
+    fn finish(&mut self, _summary: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How to read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadOptions {
+    /// Salvage: skip what is damaged instead of failing — bad extents are
+    /// skipped by resynchronising on the next valid extent header, bad slots
+    /// are skipped, a truncated extent yields its complete clusters — and
+    /// report missing clusters in the summary instead of failing. The header
+    /// must still be intact.
+    pub salvage: bool,
+}
+
+/// Whether the archive's data checksums (our extension) were checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataChecksums {
+    /// Extents whose data checksum was verified.
+    pub verified: u64,
+    /// Extents without a data checksum (all of Proxmox's).
+    pub absent: u64,
+}
+
+impl DataChecksums {
+    /// `verified` (every extent had one and it matched), `absent` (no extent
+    /// had one) or `partial` (some had).
+    pub fn describe(&self) -> &'static str {
+        match (self.verified, self.absent) {
+            (0, _) => "absent",
+            (_, 0) => "verified",
+            _ => "partial",
+        }
+    }
+}
+
+/// Clusters of one device that the archive lacks (salvage).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingClusters {
+    /// Device id.
+    pub dev_id: u8,
+    /// Device name (lossy UTF-8).
+    pub name: String,
+    /// Clusters the device has.
+    pub clusters: u64,
+    /// The missing cluster numbers, as ranges.
+    pub ranges: Vec<Range<u64>>,
+    /// How many are missing.
+    pub count: u64,
+}
+
+/// What a read found.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Extents read and accepted.
+    pub extents: u64,
+    /// Clusters pushed to the sink.
+    pub clusters: u64,
+    /// 4 KiB blocks of data pushed.
+    pub data_blocks: u64,
+    /// Bytes of input consumed.
+    pub bytes_read: u64,
+    /// Data checksum status.
+    pub data_checksums: DataChecksums,
+    /// Problems skipped over in salvage mode (the first 1000).
+    pub damage: Vec<Error>,
+    /// How many problems were skipped over.
+    pub damage_count: u64,
+    /// Devices with missing clusters (salvage mode).
+    pub missing: Vec<MissingClusters>,
+    /// The sink asked to stop before the end.
+    pub stopped: bool,
+}
+
+impl Summary {
+    /// Whether nothing was skipped or missing.
+    pub fn is_complete(&self) -> bool {
+        self.damage_count == 0 && self.missing.is_empty() && !self.stopped
+    }
+}
+
+struct DeviceState {
+    size: u64,
+    clusters: u64,
+    vmstate: bool,
+    seen: ClusterBitmap,
+    vmstate_next: u64,
+}
+
+/// A VMA archive being read from `R`.
+///
+/// ```no_run
+/// # use vma_format::{Archive, ClusterSink, Cluster, Flow};
+/// struct Count(u64);
+/// impl ClusterSink for Count {
+///     fn cluster(&mut self, _: &Cluster<'_>) -> std::io::Result<Flow> {
+///         self.0 += 1;
+///         Ok(Flow::Continue)
+///     }
+/// }
+/// let mut archive = Archive::new(std::io::stdin().lock())?;
+/// let summary = archive.run(&mut Count(0))?;
+/// # Ok::<(), vma_format::Error>(())
+/// ```
+pub struct Archive<R> {
+    inner: R,
+    header: VmaHeader,
+    options: ReadOptions,
+    devices: Vec<Option<DeviceState>>,
+    pos: u64,
+    pushback: Vec<u8>,
+    pushback_pos: usize,
+}
+
+const MAX_RECORDED_DAMAGE: usize = 1000;
+const RESYNC_CHUNK: usize = 1 << 20;
+
+impl<R: Read> Archive<R> {
+    /// Reads and checks the header.
+    pub fn new(inner: R) -> Result<Archive<R>, Error> {
+        Archive::with_options(inner, ReadOptions::default())
+    }
+
+    /// Reads and checks the header, reading the rest as `options` say.
+    pub fn with_options(mut inner: R, options: ReadOptions) -> Result<Archive<R>, Error> {
+        let header = VmaHeader::read_from(&mut inner)?;
+        let mut devices: Vec<Option<DeviceState>> = (0..256).map(|_| None).collect();
+        for d in header.devices() {
+            devices[d.id as usize] = Some(DeviceState {
+                size: d.size,
+                clusters: d.clusters(),
+                vmstate: d.is_vmstate(),
+                seen: ClusterBitmap::new(if d.is_vmstate() { 0 } else { d.clusters() }),
+                vmstate_next: 0,
+            });
+        }
+        Ok(Archive {
+            pos: header.header_size() as u64,
+            inner,
+            header,
+            options,
+            devices,
+            pushback: Vec::new(),
+            pushback_pos: 0,
+        })
+    }
+
+    /// The checked header.
+    pub fn header(&self) -> &VmaHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The input back.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Reads every extent, checks it, and pushes its clusters into `sink`.
+    ///
+    /// Checked for each extent: magic, header MD5, uuid equal to the
+    /// archive's, reserved field 0, block_count equal to the blocks the masks
+    /// name; for each slot with a device id: the device is declared, the
+    /// cluster lies inside it and has no stored block past its end (for the
+    /// `vmstate` device instead: clusters come in order from 0), the cluster
+    /// was not seen before; the data is complete and, where the extent carries
+    /// one, matches its data checksum. At the end: every cluster of every
+    /// device (but `vmstate`) was present.
+    ///
+    /// Without salvage, the first problem is returned as an error. With it,
+    /// problems are collected in the summary and reading goes on.
+    pub fn run<S: ClusterSink + ?Sized>(&mut self, sink: &mut S) -> Result<Summary, Error> {
+        sink.begin(&self.header).map_err(sink_error)?;
+        let uuid = self.header.uuid();
+        let salvage = self.options.salvage;
+        let mut summary = Summary::default();
+        let mut head = [0u8; EXTENT_HEADER_SIZE];
+        let mut data: Vec<u8> = Vec::new();
+        let mut index = 0u64;
+        loop {
+            let offset = self.pos;
+            let loc = Location::Extent { index, offset };
+            let got = self
+                .read_full(&mut head)
+                .map_err(|e| Error::io(Some(loc), "read failed", e))?;
+            if got == 0 {
+                break;
+            }
+            if got < EXTENT_HEADER_SIZE {
+                let err = Error::damaged(
+                    Some(loc),
+                    format!("truncated: got {got} of {EXTENT_HEADER_SIZE} header bytes"),
+                );
+                if !salvage {
+                    return Err(err);
+                }
+                record(&mut summary, err);
+                break;
+            }
+            index += 1;
+            let extent = match ExtentHeader::parse(&head, &uuid) {
+                Ok(extent) => extent,
+                Err(problem) => {
+                    let err = Error::damaged(Some(loc), problem);
+                    if !salvage {
+                        return Err(err);
+                    }
+                    record(&mut summary, err);
+                    if self.resync(&head[1..], offset + 1)? {
+                        continue;
+                    }
+                    break;
+                }
+            };
+
+            // Check every slot before touching any state, so that a bad
+            // extent leaves nothing half-recorded.
+            let mut usable = [false; EXTENT_SLOTS];
+            let mut blocks = 0usize;
+            let mut first_problem = None;
+            let mut vmstate_next = None;
+            for (i, slot) in extent.slots().iter().enumerate() {
+                if slot.dev_id == 0 {
+                    continue;
+                }
+                blocks += slot.mask.count();
+                match self.check_slot(
+                    i,
+                    slot.dev_id,
+                    slot.cluster_num,
+                    slot.mask,
+                    &extent,
+                    &mut vmstate_next,
+                ) {
+                    Ok(()) => usable[i] = true,
+                    Err(problem) => {
+                        let err = Error::damaged(Some(loc), problem);
+                        if !salvage {
+                            return Err(err);
+                        }
+                        first_problem.get_or_insert(());
+                        record(&mut summary, err);
+                    }
+                }
+            }
+            if blocks != extent.block_count() as usize {
+                let err = Error::damaged(
+                    Some(loc),
+                    format!(
+                        "block_count {} does not match the {blocks} blocks its masks name",
+                        extent.block_count()
+                    ),
+                );
+                if !salvage {
+                    return Err(err);
+                }
+                record(&mut summary, err);
+                if self.resync(&head[1..], offset + 1)? {
+                    continue;
+                }
+                break;
+            }
+
+            let need = blocks * BLOCK_SIZE;
+            if data.len() < need {
+                data.resize(need, 0);
+            }
+            let got = self
+                .read_full(&mut data[..need])
+                .map_err(|e| Error::io(Some(loc), "read failed", e))?;
+            if got < need {
+                let err = Error::damaged(
+                    Some(loc),
+                    format!("truncated: got {got} of {need} data bytes"),
+                );
+                if !salvage {
+                    return Err(err);
+                }
+                record(&mut summary, err);
+                // Hand over the clusters that arrived whole.
+                if self.deliver(&extent, &usable, &data[..got], sink, &mut summary)? == Flow::Stop {
+                    summary.stopped = true;
+                }
+                break;
+            }
+            match extent.data_checksum() {
+                Some(crc) => {
+                    if crc32fast::hash(&data[..need]) != crc {
+                        let err = Error::damaged(Some(loc), "data checksum mismatch");
+                        if !salvage {
+                            return Err(err);
+                        }
+                        record(&mut summary, err);
+                        continue;
+                    }
+                    summary.data_checksums.verified += 1;
+                }
+                None => summary.data_checksums.absent += 1,
+            }
+            summary.extents += 1;
+            if self.deliver(&extent, &usable, &data[..need], sink, &mut summary)? == Flow::Stop {
+                summary.stopped = true;
+                break;
+            }
+        }
+        summary.bytes_read = self.pos;
+        if !summary.stopped {
+            self.check_complete(&mut summary)?;
+        }
+        sink.finish(&summary).map_err(sink_error)?;
+        Ok(summary)
+    }
+
+    /// Checks one slot against the devices and what was seen; returns the
+    /// problem. `vmstate_next` carries the next expected vmstate cluster
+    /// across the slots of one extent.
+    fn check_slot(
+        &self,
+        i: usize,
+        dev_id: u8,
+        cluster_num: u32,
+        mask: BlockMask,
+        extent: &ExtentHeader,
+        vmstate_next: &mut Option<u64>,
+    ) -> Result<(), String> {
+        let Some(dev) = &self.devices[dev_id as usize] else {
+            return Err(format!(
+                "slot {i}: device {dev_id} is not declared in the header"
+            ));
+        };
+        let name = self.device_name(dev_id);
+        let n = cluster_num as u64;
+        if dev.vmstate {
+            let expected = vmstate_next.unwrap_or(dev.vmstate_next);
+            let accept = if self.options.salvage {
+                n >= expected
+            } else {
+                n == expected
+            };
+            if !accept {
+                return Err(format!(
+                    "slot {i}: {name} cluster {n} out of order (expected {expected})"
+                ));
+            }
+            *vmstate_next = Some(n + 1);
+            return Ok(());
+        }
+        if n >= dev.clusters {
+            return Err(format!(
+                "slot {i}: cluster {n} is past the end of {name} ({} clusters)",
+                dev.clusters
+            ));
+        }
+        let allowed = BlockMask::in_device(n, dev.size);
+        if mask.0 & !allowed.0 != 0 {
+            return Err(format!(
+                "slot {i}: cluster {n} of {name} stores blocks past the device end (mask {:#06x})",
+                mask.0
+            ));
+        }
+        let earlier = extent.slots()[..i]
+            .iter()
+            .any(|s| s.dev_id == dev_id && s.cluster_num == cluster_num);
+        if earlier || dev.seen.contains(n) {
+            return Err(format!("slot {i}: cluster {n} of {name} appears twice"));
+        }
+        Ok(())
+    }
+
+    fn device_name(&self, dev_id: u8) -> String {
+        self.header
+            .device(dev_id)
+            .map(|d| d.display_name())
+            .unwrap_or_default()
+    }
+
+    /// Records and pushes the usable clusters of an extent whose data is
+    /// `data` (complete, or a prefix when the input was truncated).
+    fn deliver<S: ClusterSink + ?Sized>(
+        &mut self,
+        extent: &ExtentHeader,
+        usable: &[bool; EXTENT_SLOTS],
+        data: &[u8],
+        sink: &mut S,
+        summary: &mut Summary,
+    ) -> Result<Flow, Error> {
+        let mut at = 0usize;
+        for (i, slot) in extent.slots().iter().enumerate() {
+            if slot.dev_id == 0 {
+                continue;
+            }
+            let len = slot.mask.data_len();
+            let end = at + len;
+            if end > data.len() {
+                break;
+            }
+            if usable[i] {
+                let dev = self.devices[slot.dev_id as usize]
+                    .as_mut()
+                    .expect("checked");
+                if dev.vmstate {
+                    dev.vmstate_next = slot.cluster_num as u64 + 1;
+                } else {
+                    dev.seen.insert(slot.cluster_num as u64);
+                }
+                let cluster = Cluster {
+                    dev_id: slot.dev_id,
+                    cluster_num: slot.cluster_num,
+                    mask: slot.mask,
+                    data: &data[at..end],
+                };
+                summary.clusters += 1;
+                summary.data_blocks += slot.mask.count() as u64;
+                if sink.cluster(&cluster).map_err(sink_error)? == Flow::Stop {
+                    return Ok(Flow::Stop);
+                }
+            }
+            at = end;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The end-of-archive check: every cluster of every device present.
+    fn check_complete(&self, summary: &mut Summary) -> Result<(), Error> {
+        for d in self.header.devices() {
+            let dev = self.devices[d.id as usize].as_ref().expect("declared");
+            if dev.vmstate || dev.seen.missing_count() == 0 {
+                continue;
+            }
+            let count = dev.seen.missing_count();
+            if !self.options.salvage {
+                let first = dev.seen.first_missing().expect("some are missing");
+                return Err(Error::damaged(
+                    Some(Location::End),
+                    format!(
+                        "{}: cluster {first} missing ({count} of {} clusters missing)",
+                        d.display_name(),
+                        dev.clusters
+                    ),
+                ));
+            }
+            summary.missing.push(MissingClusters {
+                dev_id: d.id,
+                name: d.display_name(),
+                clusters: dev.clusters,
+                ranges: dev.seen.missing_ranges(),
+                count,
+            });
+        }
+        Ok(())
+    }
+
+    /// After damage: finds the next valid extent header at or after
+    /// `start_offset`, whose bytes begin with `start` (already consumed), and
+    /// arranges for reading to go on from there. False at the end of input.
+    fn resync(&mut self, start: &[u8], start_offset: u64) -> Result<bool, Error> {
+        let uuid = self.header.uuid();
+        let mut buf = start.to_vec();
+        let mut base = start_offset;
+        let mut from = 0usize;
+        loop {
+            let mut incomplete = None;
+            while let Some(i) = find_magic(&buf[from..]) {
+                let c = from + i;
+                if buf.len() - c < EXTENT_HEADER_SIZE {
+                    incomplete = Some(c);
+                    break;
+                }
+                let candidate: &[u8; EXTENT_HEADER_SIZE] =
+                    buf[c..c + EXTENT_HEADER_SIZE].try_into().expect("512");
+                if ExtentHeader::is_valid(candidate, &uuid) {
+                    let mut rest = buf[c..].to_vec();
+                    rest.extend_from_slice(&self.pushback[self.pushback_pos..]);
+                    self.pushback = rest;
+                    self.pushback_pos = 0;
+                    self.pos = base + c as u64;
+                    return Ok(true);
+                }
+                from = c + 1;
+            }
+            let keep =
+                incomplete.unwrap_or_else(|| buf.len().saturating_sub(3).max(from.min(buf.len())));
+            buf.drain(..keep);
+            base += keep as u64;
+            from = 0;
+            let old = buf.len();
+            buf.resize(old + RESYNC_CHUNK, 0);
+            let got = self.read_full(&mut buf[old..]).map_err(|e| {
+                Error::io(
+                    Some(Location::Extent {
+                        index: 0,
+                        offset: base,
+                    }),
+                    "read failed",
+                    e,
+                )
+            })?;
+            buf.truncate(old + got);
+            if got == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads until `buf` is full or the input ends, taking pushed-back bytes
+    /// first; returns the bytes read.
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        if self.pushback_pos < self.pushback.len() {
+            let n = buf.len().min(self.pushback.len() - self.pushback_pos);
+            buf[..n].copy_from_slice(&self.pushback[self.pushback_pos..self.pushback_pos + n]);
+            self.pushback_pos += n;
+            got = n;
+            if self.pushback_pos == self.pushback.len() {
+                self.pushback = Vec::new();
+                self.pushback_pos = 0;
+            }
+        }
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.pos += got as u64;
+                    return Err(e);
+                }
+            }
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+fn find_magic(hay: &[u8]) -> Option<usize> {
+    hay.windows(4)
+        .position(|w| w == crate::extent::EXTENT_MAGIC)
+}
+
+fn record(summary: &mut Summary, err: Error) {
+    summary.damage_count += 1;
+    if summary.damage.len() < MAX_RECORDED_DAMAGE {
+        summary.damage.push(err);
+    }
+}
+
+fn sink_error(e: io::Error) -> Error {
+    Error::io(None, "output failed", e)
+}

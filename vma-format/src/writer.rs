@@ -1,0 +1,321 @@
+//! The streaming writer: header first, then extents of at most 58 clusters.
+
+use std::io::Write;
+
+use crate::bitmap::ClusterBitmap;
+use crate::cluster::{BlockMask, Cluster};
+use crate::error::{Error, Location};
+use crate::extent::{BlockInfo, ExtentHeader};
+use crate::header::HeaderBuilder;
+use crate::zero::pack_cluster;
+use crate::{
+    clusters_for, BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE, EXTENT_HEADER_SIZE, VMSTATE_NAME,
+    WRITER_CLUSTERS_PER_EXTENT,
+};
+
+/// How to write.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// Put a CRC-32 of each extent's data into its free 59th slot (our
+    /// extension; every reader skips the slot). Default: on.
+    pub data_checksums: bool,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            data_checksums: true,
+        }
+    }
+}
+
+struct DeviceState {
+    name: String,
+    size: u64,
+    clusters: u64,
+    vmstate: bool,
+    seen: ClusterBitmap,
+    vmstate_next: u64,
+    zero_bytes: u64,
+}
+
+/// Per-device counters of a writer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Device name.
+    pub name: String,
+    /// Device size recorded in the header.
+    pub size: u64,
+    /// Clusters written so far.
+    pub clusters_written: u64,
+    /// Bytes of zero blocks written so far (not stored), counting whole
+    /// 4 KiB blocks as Proxmox does.
+    pub zero_bytes: u64,
+}
+
+/// Writes a VMA archive to `W`, like Proxmox's writer: the header at once,
+/// then clusters (in any order) gathered into extents of at most 58 clusters,
+/// zero blocks left out, the bytes of the last block past a device's end
+/// zeroed and blocks wholly past it never stored.
+///
+/// [`finish`](Writer::finish) closes the archive only if every cluster of
+/// every device (but `vmstate`) was written exactly once. Dropping a writer
+/// without `finish` leaves an incomplete archive that every reader refuses.
+pub struct Writer<W: Write> {
+    out: W,
+    uuid: [u8; 16],
+    devices: Vec<DeviceState>,
+    options: WriterOptions,
+    /// The extent being filled: 512 bytes of header room, then data.
+    buf: Vec<u8>,
+    used: usize,
+    slots: Vec<BlockInfo>,
+    extents: u64,
+    bytes_written: u64,
+    failed: bool,
+}
+
+impl<W: Write> Writer<W> {
+    /// Encodes the header and writes it.
+    pub fn new(
+        mut out: W,
+        header: &HeaderBuilder,
+        options: WriterOptions,
+    ) -> Result<Writer<W>, Error> {
+        let raw = header.encode()?;
+        let uuid: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
+        out.write_all(&raw).map_err(write_error)?;
+        let devices = header
+            .devices()
+            .iter()
+            .map(|(name, size)| {
+                let vmstate = name == VMSTATE_NAME;
+                DeviceState {
+                    name: name.clone(),
+                    size: *size,
+                    clusters: clusters_for(*size),
+                    vmstate,
+                    seen: ClusterBitmap::new(if vmstate { 0 } else { clusters_for(*size) }),
+                    vmstate_next: 0,
+                    zero_bytes: 0,
+                }
+            })
+            .collect();
+        Ok(Writer {
+            out,
+            uuid,
+            devices,
+            options,
+            buf: vec![0u8; EXTENT_HEADER_SIZE + WRITER_CLUSTERS_PER_EXTENT * CLUSTER_SIZE],
+            used: 0,
+            slots: Vec::with_capacity(WRITER_CLUSTERS_PER_EXTENT + 1),
+            extents: 0,
+            bytes_written: raw.len() as u64,
+            failed: false,
+        })
+    }
+
+    /// Writes one cluster from its raw content: `raw` holds the cluster's
+    /// bytes from its start, at most 64 KiB (shorter means the rest is zero;
+    /// bytes past the device end are ignored). Zero blocks are detected and
+    /// left out. Returns the bytes of zero blocks (whole 4 KiB blocks, as
+    /// Proxmox counts them).
+    pub fn write_raw(&mut self, dev_id: u8, cluster_num: u32, raw: &[u8]) -> Result<u64, Error> {
+        if raw.len() > CLUSTER_SIZE {
+            return Err(Error::invalid(format!(
+                "cluster of {} bytes, more than 64 KiB",
+                raw.len()
+            )));
+        }
+        let dev = self.check(dev_id, cluster_num)?;
+        let valid = if dev.vmstate {
+            raw.len()
+        } else {
+            (dev.size - cluster_num as u64 * CLUSTER_SIZE as u64).min(raw.len() as u64) as usize
+        };
+        self.make_room()?;
+        let start = EXTENT_HEADER_SIZE + self.used;
+        let (mask, used) = pack_cluster(raw, valid, &mut self.buf[start..start + CLUSTER_SIZE]);
+        Ok(self.commit(dev_id, cluster_num, mask, used))
+    }
+
+    /// Writes one cluster already packed (from a cluster stream, or another
+    /// archive). Refused: a mask naming blocks past the device end, data not
+    /// `mask.count() * 4096` bytes long. Bytes of the last block past the
+    /// device end are stored as zero.
+    pub fn write_cluster(&mut self, cluster: &Cluster<'_>) -> Result<u64, Error> {
+        let (dev_id, n, mask) = (cluster.dev_id, cluster.cluster_num, cluster.mask);
+        if cluster.data.len() != mask.data_len() {
+            return Err(Error::invalid(format!(
+                "cluster {n} of device {dev_id}: {} data bytes for {} blocks",
+                cluster.data.len(),
+                mask.count()
+            )));
+        }
+        let dev = self.check(dev_id, n)?;
+        let tail = if dev.vmstate {
+            None
+        } else {
+            let allowed = BlockMask::in_device(n as u64, dev.size);
+            if mask.0 & !allowed.0 != 0 {
+                return Err(Error::invalid(format!(
+                    "cluster {n} of {}: mask {:#06x} names blocks past the device end",
+                    dev.name, mask.0
+                )));
+            }
+            let end_in_cluster = dev.size - n as u64 * CLUSTER_SIZE as u64;
+            (end_in_cluster < CLUSTER_SIZE as u64 && end_in_cluster % BLOCK_SIZE as u64 != 0)
+                .then_some(end_in_cluster as usize)
+        };
+        self.make_room()?;
+        let start = EXTENT_HEADER_SIZE + self.used;
+        self.buf[start..start + cluster.data.len()].copy_from_slice(cluster.data);
+        if let Some(end) = tail {
+            // The block holding the device end: zero what lies past the end.
+            let block = end / BLOCK_SIZE;
+            if mask.has(block) {
+                let stored_before = BlockMask(mask.0 & ((1u16 << block) - 1)).count();
+                let at = start + stored_before * BLOCK_SIZE + end % BLOCK_SIZE;
+                let block_end = start + (stored_before + 1) * BLOCK_SIZE;
+                self.buf[at..block_end].fill(0);
+            }
+        }
+        Ok(self.commit(dev_id, n, mask, cluster.data.len()))
+    }
+
+    /// Checks that (dev_id, cluster_num) may be written now.
+    fn check(&self, dev_id: u8, n: u32) -> Result<&DeviceState, Error> {
+        if self.failed {
+            return Err(Error::invalid("writer failed earlier"));
+        }
+        let dev = dev_id
+            .checked_sub(1)
+            .and_then(|i| self.devices.get(i as usize))
+            .ok_or_else(|| Error::invalid(format!("device {dev_id} is not declared")))?;
+        if dev.vmstate {
+            if n as u64 != dev.vmstate_next {
+                return Err(Error::invalid(format!(
+                    "{} cluster {n} out of order (expected {})",
+                    dev.name, dev.vmstate_next
+                )));
+            }
+        } else if n as u64 >= dev.clusters {
+            return Err(Error::invalid(format!(
+                "cluster {n} is past the end of {} ({} clusters)",
+                dev.name, dev.clusters
+            )));
+        } else if dev.seen.contains(n as u64) {
+            return Err(Error::invalid(format!(
+                "cluster {n} of {} written twice",
+                dev.name
+            )));
+        }
+        Ok(dev)
+    }
+
+    /// Flushes the extent if it already holds 58 clusters.
+    fn make_room(&mut self) -> Result<(), Error> {
+        if self.slots.len() >= WRITER_CLUSTERS_PER_EXTENT {
+            self.flush_extent()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, dev_id: u8, n: u32, mask: BlockMask, used: usize) -> u64 {
+        self.used += used;
+        self.slots.push(BlockInfo {
+            mask,
+            reserved: 0,
+            dev_id,
+            cluster_num: n,
+        });
+        let dev = &mut self.devices[dev_id as usize - 1];
+        if dev.vmstate {
+            dev.vmstate_next += 1;
+        } else {
+            dev.seen.insert(n as u64);
+        }
+        let zero = (BLOCKS_PER_CLUSTER - mask.count()) as u64 * BLOCK_SIZE as u64;
+        dev.zero_bytes += zero;
+        zero
+    }
+
+    fn flush_extent(&mut self) -> Result<(), Error> {
+        let data_end = EXTENT_HEADER_SIZE + self.used;
+        if self.options.data_checksums {
+            let crc = crc32fast::hash(&self.buf[EXTENT_HEADER_SIZE..data_end]);
+            self.slots
+                .resize(crate::EXTENT_SLOTS - 1, BlockInfo::default());
+            self.slots.push(BlockInfo::data_checksum(crc));
+        }
+        let head: &mut [u8; EXTENT_HEADER_SIZE] = (&mut self.buf[..EXTENT_HEADER_SIZE])
+            .try_into()
+            .expect("512 bytes");
+        ExtentHeader::encode(
+            &self.uuid,
+            (self.used / BLOCK_SIZE) as u16,
+            &self.slots,
+            head,
+        );
+        if let Err(e) = self.out.write_all(&self.buf[..data_end]) {
+            self.failed = true;
+            return Err(write_error(e));
+        }
+        self.bytes_written += data_end as u64;
+        self.extents += 1;
+        self.used = 0;
+        self.slots.clear();
+        Ok(())
+    }
+
+    /// Per-device counters so far, device 1 first.
+    pub fn device_stats(&self) -> Vec<DeviceStats> {
+        self.devices
+            .iter()
+            .map(|d| DeviceStats {
+                name: d.name.clone(),
+                size: d.size,
+                clusters_written: if d.vmstate {
+                    d.vmstate_next
+                } else {
+                    d.seen.count()
+                },
+                zero_bytes: d.zero_bytes,
+            })
+            .collect()
+    }
+
+    /// Bytes written to the output so far (header and complete extents).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Writes the last extent and flushes the output, if every cluster of
+    /// every device but `vmstate` was written; else fails naming the first
+    /// device and cluster missing. An archive without any cluster still gets
+    /// one empty extent, as Proxmox's writer does.
+    pub fn finish(mut self) -> Result<W, Error> {
+        for dev in &self.devices {
+            if let Some(first) = dev.seen.first_missing() {
+                return Err(Error::damaged(
+                    Some(Location::End),
+                    format!(
+                        "{}: cluster {first} missing ({} of {} clusters missing)",
+                        dev.name,
+                        dev.seen.missing_count(),
+                        dev.clusters
+                    ),
+                ));
+            }
+        }
+        if !self.slots.is_empty() || self.extents == 0 {
+            self.flush_extent()?;
+        }
+        self.out.flush().map_err(write_error)?;
+        Ok(self.out)
+    }
+}
+
+fn write_error(e: std::io::Error) -> Error {
+    Error::io(None, "write failed", e)
+}
