@@ -1,1 +1,96 @@
-//! CLI support.
+//! What the vma-tools binaries share: exit codes, opening inputs, error
+//! lines, and the text Proxmox's `vma` prints (listings, progress, %g).
+//!
+//! Exit codes, the same in every tool:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | the archive (or cluster stream) is damaged or invalid |
+//! | 2 | usage: bad flags or arguments, or a request the format cannot hold |
+//! | 3 | I/O or environment error (cannot open, read or write; disk full) |
+//! | 4 | partial result: salvage extracted what it could, something is missing |
+
+pub mod cfmt;
+pub mod input;
+pub mod listing;
+pub mod progress;
+
+use vma_format::{Error, ErrorClass};
+
+/// Exit codes shared by every tool.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The archive or stream is damaged or invalid.
+    pub const DAMAGED: i32 = 1;
+    /// Usage error.
+    pub const USAGE: i32 = 2;
+    /// I/O or environment error.
+    pub const IO: i32 = 3;
+    /// Partial result (salvage).
+    pub const PARTIAL: i32 = 4;
+}
+
+/// The exit-code table, for `--help` texts.
+pub const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 archive damaged or invalid, 2 usage, \
+3 I/O or environment error, 4 partial result (salvage).";
+
+/// The exit code for an error of `vma-format`.
+pub fn exit_code(err: &Error) -> i32 {
+    match err.class() {
+        ErrorClass::Damaged => exit::DAMAGED,
+        ErrorClass::Invalid => exit::USAGE,
+        ErrorClass::Io => exit::IO,
+    }
+}
+
+/// Prints `input: message` on stderr as one line and exits with `code`.
+pub fn die(input: &str, message: impl std::fmt::Display, code: i32) -> ! {
+    eprintln!("{input}: {message}");
+    std::process::exit(code)
+}
+
+/// An error with the exit code it maps to, for binaries that collect errors
+/// from several layers.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: i32,
+    /// The one-line message, naming the input.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with its code and message.
+    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A `vma-format` error about `input`.
+    pub fn format(input: &str, err: &Error) -> Failure {
+        Failure::new(exit_code(err), format!("{input}: {err}"))
+    }
+
+    /// An I/O error about `what` (a path, or a description).
+    pub fn io(what: &str, err: &std::io::Error) -> Failure {
+        Failure::new(exit::IO, format!("{what}: {err}"))
+    }
+
+    /// Prints the message and exits.
+    pub fn exit(&self) -> ! {
+        eprintln!("{}", self.message);
+        std::process::exit(self.code)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}

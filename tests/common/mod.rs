@@ -1,0 +1,61 @@
+//! Helpers shared by the end-to-end tests: where the binaries and the shared
+//! fixtures are, and generating source images with the fixtures' generator.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/fixtures` beside the project.
+pub fn fixtures() -> PathBuf {
+    root().join("../shared/fixtures")
+}
+
+static BUILD: Once = Once::new();
+
+/// Path of a workspace binary (`vma-decode`, `vma-encode`, …), built first if
+/// the test run has not built it (a top-level `cargo test` builds the tests
+/// of this package only).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .expect("test executable path")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    let path = dir.join(name);
+    BUILD.call_once(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(root()).args(["build", "--workspace", "--bins"]);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Runs `../shared/fixtures/make_images.py OUTDIR ARGS…` and panics on failure.
+pub fn make_images(outdir: &Path, args: &[&str]) {
+    let out = Command::new("python3")
+        .arg(fixtures().join("make_images.py"))
+        .arg(outdir)
+        .args(args)
+        .output()
+        .expect("python3 must be installed to generate test images");
+    assert!(out.status.success(), "make_images.py failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// sha256 of a file, as hex.
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
