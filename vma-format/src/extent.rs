@@ -162,6 +162,13 @@ impl ExtentHeader {
     }
 }
 
+/// Recomputes an extent header's MD5 and stores it in place: for tools that
+/// patch extent headers, and for tests that build hostile ones.
+pub fn update_checksum(raw: &mut [u8; EXTENT_HEADER_SIZE]) {
+    let md5 = extent_md5(raw);
+    raw[OFF_MD5..OFF_MD5 + 16].copy_from_slice(&md5);
+}
+
 fn extent_md5(raw: &[u8; EXTENT_HEADER_SIZE]) -> [u8; 16] {
     let mut md5 = Md5::new();
     md5.update(&raw[..OFF_MD5]);

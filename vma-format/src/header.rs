@@ -334,6 +334,14 @@ fn check_header_size(raw: &[u8]) -> Result<u32, Error> {
     Ok(header_size)
 }
 
+/// Recomputes the MD5 of a whole header (`raw` is `header_size` bytes) and
+/// stores it in place: for tools that patch headers, and for tests that
+/// build hostile ones.
+pub fn update_checksum(raw: &mut [u8]) {
+    let md5 = header_md5(raw);
+    raw[OFF_MD5..OFF_MD5 + 16].copy_from_slice(&md5);
+}
+
 /// MD5 of a header with its checksum field taken as zero.
 fn header_md5(raw: &[u8]) -> [u8; 16] {
     let mut md5 = Md5::new();
