@@ -199,12 +199,16 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
         }
     }
 
-    /// Runs the connection to its end. `Ok` means the client disconnected
+    /// Runs the connection to its end, calling `entering_transmission` once
+    /// the handshake has succeeded. `Ok` means the client disconnected
     /// cleanly (abort, `NBD_CMD_DISC`, or EOF between requests); an error means
     /// an I/O failure or a protocol violation that ended the connection.
-    pub(crate) fn run(mut self) -> io::Result<()> {
+    pub(crate) fn run(mut self, entering_transmission: impl FnOnce()) -> io::Result<()> {
         match self.handshake()? {
-            Some(export) => self.transmission(export),
+            Some(export) => {
+                entering_transmission();
+                self.transmission(export)
+            }
             None => Ok(()),
         }
     }

@@ -85,7 +85,9 @@ impl FileBackend {
     }
 
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let end = offset + len;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         while offset < end {
             let n = (end - offset).min(ZEROS.len() as u64) as usize;
             self.file.write_all_at(&ZEROS[..n], offset)?;

@@ -74,7 +74,10 @@
 //!   (64 KiB) are drained and refused with `NBD_REP_ERR_TOO_BIG` (above
 //!   16 MiB the connection is dropped); export names above 4096 bytes in
 //!   `EXPORT_NAME` drop the connection. Per connection the server keeps one
-//!   buffer, which grows to the largest request seen (at most 32 MiB).
+//!   buffer, which grows to the largest request seen (at most 32 MiB). A
+//!   client that stalls for [`DEFAULT_HANDSHAKE_TIMEOUT`] (30 s, see
+//!   [`Server::set_handshake_timeout`]) during the handshake is dropped; in
+//!   transmission there is no timeout.
 //!
 //! # Serving
 //!
@@ -91,7 +94,9 @@ mod server;
 
 pub use backend::{Backend, Extent, ZeroFlags};
 pub use file::FileBackend;
-pub use server::{bind_unix_socket, ExportError, Listener, Server, ServerHandle};
+pub use server::{
+    bind_unix_socket, ExportError, Listener, Server, ServerHandle, DEFAULT_HANDSHAKE_TIMEOUT,
+};
 
 /// Largest read or write payload accepted in one request: 32 MiB, advertised
 /// as the maximum block size.

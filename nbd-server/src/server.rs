@@ -54,15 +54,37 @@ pub enum ExportError {
 /// handle.shutdown();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Default)]
 pub struct Server {
     exports: Vec<Export>,
+    handshake_timeout: Option<Duration>,
 }
 
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            exports: Vec::new(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+        }
+    }
+}
+
+/// How long a client may take over the whole handshake by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Server {
-    /// A server with no exports.
+    /// A server with no exports and the [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub fn new() -> Self {
         Server::default()
+    }
+
+    /// Limits how long a client may wait between bytes during the handshake
+    /// (`None`: forever), so clients that connect and say nothing do not hold
+    /// a thread forever. The transmission phase has no timeout: an idle
+    /// client (e.g. a VM's drive) may stay connected indefinitely.
+    /// A zero duration is treated as `None`.
+    pub fn set_handshake_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.handshake_timeout = timeout.filter(|d| !d.is_zero());
+        self
     }
 
     /// Adds an export named `name`. Exports are listed (`NBD_OPT_LIST`) in
@@ -140,6 +162,7 @@ impl Server {
         let (wake_tx, wake_rx) = UnixStream::pair()?;
         let shared = Arc::new(Shared {
             exports: self.exports,
+            handshake_timeout: self.handshake_timeout,
             stopping: AtomicBool::new(false),
             wake_rx,
             next_id: AtomicU64::new(0),
@@ -250,6 +273,7 @@ pub fn bind_unix_socket(path: &Path) -> io::Result<UnixListener> {
 /// State shared by the handle, the accept threads and the connections.
 struct Shared {
     exports: Vec<Export>,
+    handshake_timeout: Option<Duration>,
     stopping: AtomicBool,
     /// Becomes readable (EOF) when the handle shuts `wake_tx` down.
     wake_rx: UnixStream,
@@ -277,6 +301,12 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
     }
     fn shutdown(&self) {
         let _ = match self {
@@ -385,6 +415,11 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
     let (Ok(reader), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
         return;
     };
+    // The timeout belongs to the socket, so setting it on one handle covers
+    // all three.
+    if stream.set_read_timeout(shared.handshake_timeout).is_err() {
+        return;
+    }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     lock(&shared.open).insert(id, control);
     let shared2 = Arc::clone(shared);
@@ -396,7 +431,13 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
                 id,
             };
             // A connection's end, clean or not, concerns only that client.
-            let _ = Connection::new(reader, stream, &shared2.exports, &shared2.stopping).run();
+            let clear_timeout = stream.try_clone();
+            let conn = Connection::new(reader, stream, &shared2.exports, &shared2.stopping);
+            let _ = conn.run(|| {
+                if let Ok(s) = clear_timeout {
+                    let _ = s.set_read_timeout(None);
+                }
+            });
         });
     match spawned {
         Ok(t) => {

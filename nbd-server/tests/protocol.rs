@@ -472,3 +472,24 @@ fn concurrent_connections_and_shutdown() {
     }
     assert!(fs::read(&img).unwrap() == expected);
 }
+
+#[test]
+fn stalled_handshake_times_out_but_idle_transmission_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.raw");
+    make_image(&img, MIB, &[(0, &[0x42; 512])]);
+    let mut server = nbd_server::Server::new();
+    server.add_export("t", file_backend(&img)).unwrap();
+    server.set_handshake_timeout(Some(std::time::Duration::from_millis(200)));
+    let srv = TestServer::start_server(server);
+
+    let (mut idle, _, _) = Raw::open(&srv.socket, "t");
+    let mut silent = Raw::greet(&srv.socket);
+    let mut half = Raw::connect(&srv.socket);
+    half.send(&IHAVEOPT.to_be_bytes());
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(silent.is_closed());
+    assert!(half.is_closed());
+    assert_eq!(idle.read(1, 0, 512), [0x42; 512]);
+    idle.disc();
+}

@@ -21,12 +21,17 @@ pub struct TestServer {
 impl TestServer {
     /// Serves `exports` on `<tempdir>/nbd.sock`.
     pub fn start(exports: Vec<(&str, Arc<dyn Backend>)>) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("nbd.sock");
         let mut server = Server::new();
         for (name, backend) in exports {
             server.add_export(name, backend).unwrap();
         }
+        TestServer::start_server(server)
+    }
+
+    /// Serves a configured `server` on `<tempdir>/nbd.sock`.
+    pub fn start_server(server: Server) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
         let listener = bind_unix_socket(&socket).unwrap();
         let handle = server.serve(vec![listener.into()]).unwrap();
         TestServer {
