@@ -53,8 +53,8 @@ impl ProxmoxProgress {
     /// percentage changes.
     pub fn cluster<W: Write + ?Sized>(&mut self, c: &Cluster<'_>, out: &mut W) -> io::Result<()> {
         self.clusters_read += 1;
-        if self.cluster_count > 0 {
-            let percent = (self.clusters_read * 100 / self.cluster_count) as i64;
+        if let Some(percent) = (self.clusters_read * 100).checked_div(self.cluster_count) {
+            let percent = percent as i64;
             if percent != self.last_percent {
                 writeln!(
                     out,

@@ -83,12 +83,13 @@ impl ClusterSink for ImageSink<'_> {
         };
         for (block, bytes) in c.runs() {
             let offset = c.offset() + (block * BLOCK_SIZE) as u64;
-            // The reader guarantees no block starts past a disk's end; the
-            // last block may straddle it, so clip.
-            let len = if t.vmstate {
-                bytes.len() as u64
-            } else {
+            // The reader guarantees no block of a disk starts past its end;
+            // the last block may straddle it, so clip. The vmstate size does
+            // not bind its clusters: clip at it only a block that straddles it.
+            let len = if offset < t.size {
                 (t.size - offset).min(bytes.len() as u64)
+            } else {
+                bytes.len() as u64
             };
             t.file
                 .write_all_at(&bytes[..len as usize], offset)

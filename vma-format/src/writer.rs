@@ -164,8 +164,9 @@ impl<W: Write> Writer<W> {
                 )));
             }
             let end_in_cluster = dev.size - n as u64 * CLUSTER_SIZE as u64;
-            (end_in_cluster < CLUSTER_SIZE as u64 && end_in_cluster % BLOCK_SIZE as u64 != 0)
-                .then_some(end_in_cluster as usize)
+            (end_in_cluster < CLUSTER_SIZE as u64
+                && !end_in_cluster.is_multiple_of(BLOCK_SIZE as u64))
+            .then_some(end_in_cluster as usize)
         };
         self.make_room()?;
         let start = EXTENT_HEADER_SIZE + self.used;
