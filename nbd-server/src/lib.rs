@@ -85,6 +85,10 @@
 //! sockets (create them with [`bind_unix_socket`], mode 0600) and, only if the
 //! caller passes one, TCP sockets (with `TCP_NODELAY`); [`ServerHandle`] stops
 //! accepting, disconnects clients and waits for the threads.
+//!
+//! Writing to a client that has gone away must fail with `EPIPE` rather than
+//! kill the process: Rust programs ignore `SIGPIPE` by default, and a
+//! program embedding this crate must not undo that.
 
 mod backend;
 mod conn;
