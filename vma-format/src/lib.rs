@@ -30,6 +30,7 @@ pub mod extent;
 pub mod header;
 pub mod names;
 pub mod reader;
+pub mod stream;
 pub mod writer;
 pub mod zero;
 
