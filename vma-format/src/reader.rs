@@ -239,10 +239,7 @@ impl<R: Read> Archive<R> {
                     Some(loc),
                     format!("truncated: got {got} of {EXTENT_HEADER_SIZE} header bytes"),
                 );
-                if !salvage {
-                    return Err(err);
-                }
-                record(&mut summary, err);
+                tolerate(salvage, &mut summary, err)?;
                 break;
             }
             index += 1;
@@ -250,10 +247,7 @@ impl<R: Read> Archive<R> {
                 Ok(extent) => extent,
                 Err(problem) => {
                     let err = Error::damaged(Some(loc), problem);
-                    if !salvage {
-                        return Err(err);
-                    }
-                    record(&mut summary, err);
+                    tolerate(salvage, &mut summary, err)?;
                     if self.resync(&head[1..], offset + 1)? {
                         continue;
                     }
@@ -265,7 +259,6 @@ impl<R: Read> Archive<R> {
             // extent leaves nothing half-recorded.
             let mut usable = [false; EXTENT_SLOTS];
             let mut blocks = 0usize;
-            let mut first_problem = None;
             let mut vmstate_next = None;
             for (i, slot) in extent.slots().iter().enumerate() {
                 if slot.dev_id == 0 {
@@ -283,11 +276,7 @@ impl<R: Read> Archive<R> {
                     Ok(()) => usable[i] = true,
                     Err(problem) => {
                         let err = Error::damaged(Some(loc), problem);
-                        if !salvage {
-                            return Err(err);
-                        }
-                        first_problem.get_or_insert(());
-                        record(&mut summary, err);
+                        tolerate(salvage, &mut summary, err)?;
                     }
                 }
             }
@@ -299,10 +288,7 @@ impl<R: Read> Archive<R> {
                         extent.block_count()
                     ),
                 );
-                if !salvage {
-                    return Err(err);
-                }
-                record(&mut summary, err);
+                tolerate(salvage, &mut summary, err)?;
                 if self.resync(&head[1..], offset + 1)? {
                     continue;
                 }
@@ -321,10 +307,7 @@ impl<R: Read> Archive<R> {
                     Some(loc),
                     format!("truncated: got {got} of {need} data bytes"),
                 );
-                if !salvage {
-                    return Err(err);
-                }
-                record(&mut summary, err);
+                tolerate(salvage, &mut summary, err)?;
                 // Hand over the clusters that arrived whole.
                 if self.deliver(&extent, &usable, &data[..got], sink, &mut summary)? == Flow::Stop {
                     summary.stopped = true;
@@ -335,10 +318,7 @@ impl<R: Read> Archive<R> {
                 Some(crc) => {
                     if crc32fast::hash(&data[..need]) != crc {
                         let err = Error::damaged(Some(loc), "data checksum mismatch");
-                        if !salvage {
-                            return Err(err);
-                        }
-                        record(&mut summary, err);
+                        tolerate(salvage, &mut summary, err)?;
                         continue;
                     }
                     summary.data_checksums.verified += 1;
@@ -585,11 +565,17 @@ fn find_magic(hay: &[u8]) -> Option<usize> {
         .position(|w| w == crate::extent::EXTENT_MAGIC)
 }
 
-fn record(summary: &mut Summary, err: Error) {
+/// Without salvage, `err` ends the read; with it, `err` is recorded and
+/// reading goes on.
+fn tolerate(salvage: bool, summary: &mut Summary, err: Error) -> Result<(), Error> {
+    if !salvage {
+        return Err(err);
+    }
     summary.damage_count += 1;
     if summary.damage.len() < MAX_RECORDED_DAMAGE {
         summary.damage.push(err);
     }
+    Ok(())
 }
 
 fn sink_error(e: io::Error) -> Error {
