@@ -1,0 +1,948 @@
+//! Damaged archives: every kind of corruption the reader must catch gives
+//! its exact message and class, never a panic or a huge allocation; salvage
+//! mode skips exactly what is damaged; and random damage never turns into a
+//! success with wrong data.
+//!
+//! Archives are written here with the library's writer, then damaged; where
+//! a slot is made nonsensical the extent's MD5 is recomputed, so that the
+//! reader's semantic checks (not the checksum) must catch it. Copies of
+//! Proxmox's multi-disk.vma are damaged the same way.
+
+// Missing clusters are lists of ranges: a one-range list is the value meant.
+#![allow(clippy::single_range_in_vec_init)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use md5::{Digest, Md5};
+use proptest::prelude::*;
+use vma_format::{
+    Archive, BlockInfo, BlockMask, Cluster, ClusterSink, Error, ErrorClass, Flow, HeaderBuilder,
+    Location, ReadOptions, Summary, Writer, WriterOptions, CLUSTER_SIZE, EXTENT_HEADER_SIZE,
+    MAX_READ_HEADER_SIZE,
+};
+
+// ---------------------------------------------------------------------------
+// The archive under test and tools to damage it.
+
+/// drive-scsi0: 130 clusters and 5000 bytes, so 131 clusters in extents of
+/// 58, 58 and 15; the last cluster ends inside its second block.
+const SIZE: u64 = 130 * CLUSTER_SIZE as u64 + 5000;
+const CLUSTERS: u32 = 131;
+const UUID: [u8; 16] = [0x11; 16];
+
+/// Cluster `n` as handed to the writer: block b holds the byte n%200+1
+/// unless (n+b) is a multiple of 3, and the last cluster has non-zero bytes
+/// past the device end (which the writer must drop). A constant fill per
+/// block never forms the extent magic, so resynchronisation finds only real
+/// extent headers.
+fn raw_cluster(n: u32) -> Vec<u8> {
+    let mut raw = vec![0u8; CLUSTER_SIZE];
+    for b in 0..16 {
+        if !(n as usize + b).is_multiple_of(3) {
+            raw[b * 4096..(b + 1) * 4096].fill((n % 200 + 1) as u8);
+        }
+    }
+    raw
+}
+
+/// Cluster `n` as the device holds it: zero past the device end.
+fn expected_cluster(n: u32) -> Vec<u8> {
+    let mut c = raw_cluster(n);
+    let start = n as u64 * CLUSTER_SIZE as u64;
+    if start + CLUSTER_SIZE as u64 > SIZE {
+        c[(SIZE - start) as usize..].fill(0);
+    }
+    c
+}
+
+fn build(checksums: bool) -> Vec<u8> {
+    let mut h = HeaderBuilder::new(UUID, 1_600_000_000);
+    h.add_config("qemu-server.conf", b"name: test\n".to_vec())
+        .unwrap();
+    h.add_device("drive-scsi0", SIZE).unwrap();
+    let mut w = Writer::new(
+        Vec::new(),
+        &h,
+        WriterOptions {
+            data_checksums: checksums,
+        },
+    )
+    .unwrap();
+    for n in 0..CLUSTERS {
+        w.write_raw(1, n, &raw_cluster(n)).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+fn header_size(bytes: &[u8]) -> usize {
+    u32::from_be_bytes(bytes[56..60].try_into().unwrap()) as usize
+}
+
+/// (offset, length) of every extent, found by walking block counts.
+fn extents(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut off = header_size(bytes);
+    while off < bytes.len() {
+        let blocks = u16::from_be_bytes([bytes[off + 6], bytes[off + 7]]) as usize;
+        let len = EXTENT_HEADER_SIZE + blocks * 4096;
+        out.push((off, len));
+        off += len;
+    }
+    out
+}
+
+fn md5_with_zeroed_field(raw: &[u8], field: usize) -> [u8; 16] {
+    let mut md5 = Md5::new();
+    md5.update(&raw[..field]);
+    md5.update([0u8; 16]);
+    md5.update(&raw[field + 16..]);
+    md5.finalize().into()
+}
+
+/// Recomputes the MD5 of the extent header at `off`.
+fn reseal_extent(bytes: &mut [u8], off: usize) {
+    let md5 = md5_with_zeroed_field(&bytes[off..off + EXTENT_HEADER_SIZE], 24);
+    bytes[off + 24..off + 40].copy_from_slice(&md5);
+}
+
+/// Recomputes the MD5 of the archive header.
+fn reseal_header(bytes: &mut [u8]) {
+    let size = header_size(bytes);
+    let md5 = md5_with_zeroed_field(&bytes[..size], 32);
+    bytes[32..48].copy_from_slice(&md5);
+}
+
+fn slot(bytes: &[u8], off: usize, i: usize) -> BlockInfo {
+    let at = off + 40 + 8 * i;
+    BlockInfo::from_u64(u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()))
+}
+
+/// Rewrites slot `i` of the extent at `off` and reseals it.
+fn set_slot(bytes: &mut [u8], off: usize, i: usize, info: BlockInfo) {
+    let at = off + 40 + 8 * i;
+    bytes[at..at + 8].copy_from_slice(&info.to_u64().to_be_bytes());
+    reseal_extent(bytes, off);
+}
+
+fn block_count(bytes: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([bytes[off + 6], bytes[off + 7]])
+}
+
+// ---------------------------------------------------------------------------
+// Reading.
+
+/// Every delivered cluster, expanded to 64 KiB.
+#[derive(Default)]
+struct Collect(BTreeMap<(u8, u32), Vec<u8>>);
+
+impl ClusterSink for Collect {
+    fn cluster(&mut self, c: &Cluster<'_>) -> std::io::Result<Flow> {
+        let mut full = vec![0u8; CLUSTER_SIZE];
+        c.expand_into(&mut full);
+        assert!(
+            self.0.insert((c.dev_id, c.cluster_num), full).is_none(),
+            "cluster delivered twice"
+        );
+        Ok(Flow::Continue)
+    }
+}
+
+fn read_with(bytes: &[u8], salvage: bool) -> Result<(Summary, Collect), Error> {
+    let mut archive = Archive::with_options(bytes, ReadOptions { salvage })?;
+    let mut sink = Collect::default();
+    let summary = archive.run(&mut sink)?;
+    Ok((summary, sink))
+}
+
+/// The error a strict read of `bytes` gives; it must be damage.
+fn damage(bytes: &[u8]) -> Error {
+    match read_with(bytes, false) {
+        Ok(_) => panic!("damaged archive accepted"),
+        Err(e) => {
+            assert_eq!(e.class(), ErrorClass::Damaged, "{e}");
+            e
+        }
+    }
+}
+
+/// Asserts that a strict read fails with exactly `message`.
+#[track_caller]
+fn assert_damage(bytes: &[u8], message: &str) {
+    assert_eq!(damage(bytes).to_string(), message);
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+}
+
+#[test]
+fn the_undamaged_archive_reads_back() {
+    for checksums in [true, false] {
+        let bytes = build(checksums);
+        let ext = extents(&bytes);
+        assert_eq!(ext.len(), 3);
+        let (summary, got) = read_with(&bytes, false).unwrap();
+        assert_eq!(summary.extents, 3);
+        assert_eq!(summary.clusters, CLUSTERS as u64);
+        assert_eq!(
+            summary.data_checksums.describe(),
+            if checksums { "verified" } else { "absent" }
+        );
+        for n in 0..CLUSTERS {
+            assert!(got.0[&(1, n)] == expected_cluster(n), "cluster {n}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The archive header.
+
+#[test]
+fn flipped_header_bytes() {
+    let bytes = build(true);
+    let h = header_size(&bytes);
+    // ctime, the MD5 itself, blob offset, a config pointer, a device slot,
+    // the blob buffer, its unused tail, the header size field.
+    for pos in [30, 33, 50, 2045, 4130, 12290, h - 1, 57] {
+        let mut bad = bytes.clone();
+        bad[pos] ^= 0x01;
+        assert_damage(&bad, "header: header checksum mismatch");
+    }
+    let mut bad = bytes.clone();
+    bad[0] ^= 0x01;
+    assert_damage(&bad, "header: not a VMA archive (wrong magic number)");
+    // A version that is not 1, with a valid MD5.
+    let mut bad = bytes.clone();
+    bad[7] = 2;
+    reseal_header(&mut bad);
+    assert_damage(&bad, "header: unsupported version 2 (only 1 exists)");
+}
+
+#[test]
+fn absurd_device_size_is_refused_before_anything_is_allocated() {
+    let bytes = build(true);
+    // Device 1's size field: device slots start at 4096, 32 bytes each.
+    let at = 4096 + 32 + 8;
+    for size in [(1u64 << 48) + 1, u64::MAX] {
+        let mut bad = bytes.clone();
+        bad[at..at + 8].copy_from_slice(&size.to_be_bytes());
+        reseal_header(&mut bad);
+        assert_damage(
+            &bad,
+            &format!(
+                "header: device 1: size {size} is larger than 32-bit cluster numbers can address"
+            ),
+        );
+    }
+}
+
+#[test]
+fn the_largest_device_costs_nothing_until_its_clusters_arrive() {
+    // 2^48 bytes (2^32 clusters) is the largest device; a header declaring it
+    // and no extent must be read, checked and found incomplete without a
+    // bitmap of 512 MiB.
+    let mut h = HeaderBuilder::new(UUID, 0);
+    h.add_device("huge", 1 << 48).unwrap();
+    let bytes = h.encode().unwrap();
+    let e = damage(&bytes);
+    assert_eq!(e.location(), Some(Location::End));
+    assert_eq!(
+        e.to_string(),
+        "huge: cluster 0 missing (4294967296 of 4294967296 clusters missing)"
+    );
+}
+
+#[test]
+fn absurd_header_size_is_refused_before_anything_is_allocated() {
+    let bytes = build(true);
+    for size in [u32::MAX, 12287, 0, MAX_READ_HEADER_SIZE as u32 + 1] {
+        let mut bad = bytes.clone();
+        bad[56..60].copy_from_slice(&size.to_be_bytes());
+        assert_damage(
+            &bad,
+            &format!("header: header size {size} outside 12288..={MAX_READ_HEADER_SIZE}"),
+        );
+    }
+    // The largest size accepted, on a short input: only the bytes that
+    // arrive are held, and the input is too short.
+    let mut bad = bytes.clone();
+    bad[56..60].copy_from_slice(&(MAX_READ_HEADER_SIZE as u32).to_be_bytes());
+    assert_damage(
+        &bad,
+        &format!(
+            "header: truncated: got {} of {MAX_READ_HEADER_SIZE} bytes",
+            bytes.len()
+        ),
+    );
+}
+
+#[test]
+fn truncated_inside_the_header() {
+    let bytes = build(true);
+    let h = header_size(&bytes);
+    assert_damage(&bytes[..5000], "header: truncated: got 5000 of 12288 bytes");
+    assert_damage(
+        &bytes[..h - 100],
+        &format!("header: truncated: got {} of {h} bytes", h - 100),
+    );
+    assert_damage(&bytes[..0], "header: not a VMA archive: the input is empty");
+}
+
+// ---------------------------------------------------------------------------
+// Extent headers: damage the MD5 catches.
+
+#[test]
+fn flipped_extent_header_bytes() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    let mut bad = bytes.clone();
+    bad[off] ^= 0x20;
+    assert_damage(
+        &bad,
+        &format!("extent 0 at byte {off}: wrong extent magic number"),
+    );
+    // The block count, the uuid, the MD5 area, a blockinfo slot's mask,
+    // dev_id and cluster number, an unused slot, the checksum slot.
+    for pos in [
+        7,
+        9,
+        24,
+        31,
+        39,
+        40,
+        43,
+        47,
+        40 + 8 * 30 + 3,
+        40 + 8 * 58 + 7,
+    ] {
+        let mut bad = bytes.clone();
+        bad[off + pos] ^= 0x04;
+        assert_damage(
+            &bad,
+            &format!("extent 0 at byte {off}: header checksum mismatch"),
+        );
+    }
+    // Extent 1 of 3, for a location that is not the first.
+    let (off1, _) = extents(&bytes)[1];
+    let mut bad = bytes.clone();
+    bad[off1 + 100] ^= 0x80;
+    assert_damage(
+        &bad,
+        &format!("extent 1 at byte {off1}: header checksum mismatch"),
+    );
+}
+
+#[test]
+fn resealed_extent_header_fields() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[1];
+    let mut bad = bytes.clone();
+    bad[off + 8] ^= 0x01;
+    reseal_extent(&mut bad, off);
+    assert_damage(
+        &bad,
+        &format!("extent 1 at byte {off}: uuid differs from the archive's"),
+    );
+    let mut bad = bytes.clone();
+    bad[off + 5] = 1;
+    reseal_extent(&mut bad, off);
+    assert_damage(
+        &bad,
+        &format!("extent 1 at byte {off}: reserved field is 1, not 0"),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Blockinfo slots with a valid MD5: the semantic checks.
+
+#[test]
+fn slot_naming_an_unknown_device() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    for dev in [2u8, 7, 255] {
+        let mut bad = bytes.clone();
+        let s = slot(&bad, off, 2);
+        set_slot(&mut bad, off, 2, BlockInfo { dev_id: dev, ..s });
+        assert_damage(
+            &bad,
+            &format!("extent 0 at byte {off}: slot 2: device {dev} is not declared in the header"),
+        );
+    }
+}
+
+#[test]
+fn slot_with_a_cluster_past_the_device_end() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    for n in [CLUSTERS, CLUSTERS + 1, u32::MAX] {
+        let mut bad = bytes.clone();
+        let s = slot(&bad, off, 3);
+        set_slot(
+            &mut bad,
+            off,
+            3,
+            BlockInfo {
+                cluster_num: n,
+                ..s
+            },
+        );
+        assert_damage(
+            &bad,
+            &format!(
+                "extent 0 at byte {off}: slot 3: cluster {n} is past the end of drive-scsi0 (131 clusters)"
+            ),
+        );
+    }
+}
+
+#[test]
+fn slot_mask_naming_blocks_past_the_device_end() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[2];
+    // The last cluster (130) sits in slot 14 of the last extent; the device
+    // ends 5000 bytes into it, so only blocks 0 and 1 may be stored.
+    let s = slot(&bytes, off, 14);
+    assert_eq!((s.cluster_num, s.mask), (130, BlockMask(0b11)));
+    for (mask, shown) in [(0b111u16, "0x0007"), (0x8003, "0x8003"), (0xffff, "0xffff")] {
+        let mut bad = bytes.clone();
+        set_slot(
+            &mut bad,
+            off,
+            14,
+            BlockInfo {
+                mask: BlockMask(mask),
+                ..s
+            },
+        );
+        assert_damage(
+            &bad,
+            &format!(
+                "extent 2 at byte {off}: slot 14: cluster 130 of drive-scsi0 stores blocks past the device end (mask {shown})"
+            ),
+        );
+    }
+}
+
+#[test]
+fn block_count_that_does_not_match_the_masks() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    let blocks = block_count(&bytes, off);
+    for claimed in [65535u16, blocks + 1, blocks - 1, 0] {
+        let mut bad = bytes.clone();
+        bad[off + 6..off + 8].copy_from_slice(&claimed.to_be_bytes());
+        reseal_extent(&mut bad, off);
+        assert_damage(
+            &bad,
+            &format!(
+                "extent 0 at byte {off}: block_count {claimed} does not match the {blocks} blocks its masks name"
+            ),
+        );
+    }
+}
+
+#[test]
+fn cluster_twice_inside_one_extent() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    let mut bad = bytes.clone();
+    let s = slot(&bad, off, 5);
+    set_slot(
+        &mut bad,
+        off,
+        5,
+        BlockInfo {
+            cluster_num: 1,
+            ..s
+        },
+    );
+    assert_damage(
+        &bad,
+        &format!("extent 0 at byte {off}: slot 5: cluster 1 of drive-scsi0 appears twice"),
+    );
+}
+
+#[test]
+fn duplicated_extent() {
+    let bytes = build(true);
+    let (off, len) = extents(&bytes)[0];
+    let mut bad = bytes[..off + len].to_vec();
+    bad.extend_from_slice(&bytes[off..off + len]);
+    bad.extend_from_slice(&bytes[off + len..]);
+    assert_damage(
+        &bad,
+        &format!(
+            "extent 1 at byte {}: slot 0: cluster 0 of drive-scsi0 appears twice",
+            off + len
+        ),
+    );
+}
+
+/// An archive with a 3-cluster `vmstate` device (id 1) and a one-cluster disk.
+fn build_with_vmstate() -> Vec<u8> {
+    let mut h = HeaderBuilder::new(UUID, 0);
+    h.add_device("vmstate", 3 * CLUSTER_SIZE as u64).unwrap();
+    h.add_device("drive-scsi0", 4096).unwrap();
+    let mut w = Writer::new(Vec::new(), &h, WriterOptions::default()).unwrap();
+    for n in 0..3 {
+        w.write_raw(1, n, &[n as u8 + 1; 100]).unwrap();
+    }
+    w.write_raw(2, 0, &[9; 4096]).unwrap();
+    w.finish().unwrap()
+}
+
+#[test]
+fn vmstate_out_of_order() {
+    let bytes = build_with_vmstate();
+    read_with(&bytes, false).unwrap();
+    let (off, _) = extents(&bytes)[0];
+    let (s0, s1) = (slot(&bytes, off, 0), slot(&bytes, off, 1));
+    assert_eq!((s0.cluster_num, s1.cluster_num), (0, 1));
+    // Swapped: 1 comes first.
+    let mut bad = bytes.clone();
+    set_slot(
+        &mut bad,
+        off,
+        0,
+        BlockInfo {
+            cluster_num: 1,
+            ..s0
+        },
+    );
+    set_slot(
+        &mut bad,
+        off,
+        1,
+        BlockInfo {
+            cluster_num: 0,
+            ..s1
+        },
+    );
+    assert_damage(
+        &bad,
+        &format!("extent 0 at byte {off}: slot 0: vmstate cluster 1 out of order (expected 0)"),
+    );
+    // A gap: 0, then 2.
+    let mut bad = bytes.clone();
+    set_slot(
+        &mut bad,
+        off,
+        1,
+        BlockInfo {
+            cluster_num: 2,
+            ..s1
+        },
+    );
+    assert_damage(
+        &bad,
+        &format!("extent 0 at byte {off}: slot 1: vmstate cluster 2 out of order (expected 1)"),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Truncation and data.
+
+#[test]
+fn truncated_inside_an_extent_header() {
+    let bytes = build(true);
+    for (i, &(off, _)) in extents(&bytes).iter().enumerate() {
+        for got in [1, 100, 511] {
+            assert_damage(
+                &bytes[..off + got],
+                &format!("extent {i} at byte {off}: truncated: got {got} of 512 header bytes"),
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_inside_extent_data() {
+    let bytes = build(true);
+    for (i, &(off, len)) in extents(&bytes).iter().enumerate() {
+        let need = len - EXTENT_HEADER_SIZE;
+        for got in [0, 1, 5000, need - 1] {
+            assert_damage(
+                &bytes[..off + EXTENT_HEADER_SIZE + got],
+                &format!("extent {i} at byte {off}: truncated: got {got} of {need} data bytes"),
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_at_an_extent_boundary() {
+    let bytes = build(true);
+    let ext = extents(&bytes);
+    for (cut, first, missing) in [(ext[0].0, 0, 131), (ext[1].0, 58, 73), (ext[2].0, 116, 15)] {
+        let e = damage(&bytes[..cut]);
+        assert_eq!(e.location(), Some(Location::End));
+        assert_eq!(
+            e.to_string(),
+            format!("drive-scsi0: cluster {first} missing ({missing} of 131 clusters missing)")
+        );
+    }
+}
+
+#[test]
+fn flipped_data_byte_with_data_checksums() {
+    let bytes = build(true);
+    for (i, &(off, len)) in extents(&bytes).iter().enumerate() {
+        for pos in [off + EXTENT_HEADER_SIZE, off + len / 2, off + len - 1] {
+            let mut bad = bytes.clone();
+            bad[pos] ^= 0x40;
+            assert_damage(
+                &bad,
+                &format!("extent {i} at byte {off}: data checksum mismatch"),
+            );
+        }
+    }
+    // A checksum slot that lies about the data (MD5 resealed).
+    let (off, _) = extents(&bytes)[1];
+    let mut bad = bytes.clone();
+    let s = slot(&bad, off, 58);
+    assert!(s.as_data_checksum().is_some());
+    set_slot(
+        &mut bad,
+        off,
+        58,
+        BlockInfo::data_checksum(s.cluster_num ^ 1),
+    );
+    assert_damage(
+        &bad,
+        &format!("extent 1 at byte {off}: data checksum mismatch"),
+    );
+}
+
+#[test]
+fn flipped_data_byte_without_data_checksums_goes_unnoticed() {
+    // Why our writer adds data checksums: Proxmox's format cannot tell.
+    let bytes = build(false);
+    let (off, _) = extents(&bytes)[0];
+    let mut bad = bytes.clone();
+    bad[off + EXTENT_HEADER_SIZE] ^= 0x40;
+    let (summary, got) = read_with(&bad, false).unwrap();
+    assert_eq!(summary.data_checksums.describe(), "absent");
+    assert_ne!(got.0[&(1, 0)], expected_cluster(0));
+}
+
+// ---------------------------------------------------------------------------
+// Proxmox's own archive, damaged.
+
+fn multi_disk() -> Vec<u8> {
+    std::fs::read(fixtures().join("pve/multi-disk.vma")).unwrap()
+}
+
+#[test]
+fn proxmox_archive_damaged() {
+    let bytes = multi_disk();
+    assert_eq!(
+        extents(&bytes),
+        vec![(13824, 889344), (903168, 16896), (920064, 8704)]
+    );
+    let mut bad = bytes.clone();
+    bad[100] ^= 1;
+    assert_damage(&bad, "header: header checksum mismatch");
+    let mut bad = bytes.clone();
+    bad[903168 + 100] ^= 1;
+    assert_damage(&bad, "extent 1 at byte 903168: header checksum mismatch");
+    let mut bad = bytes.clone();
+    bad[903168 + 2] ^= 1;
+    assert_damage(&bad, "extent 1 at byte 903168: wrong extent magic number");
+    // Slot 0 of extent 0 is drive-ide0 (id 4) cluster 0, mask 0x3; its
+    // device is 4608 bytes, so block 2 is past its end.
+    let mut bad = bytes.clone();
+    let s = slot(&bad, 13824, 0);
+    assert_eq!((s.dev_id, s.cluster_num, s.mask), (4, 0, BlockMask(3)));
+    set_slot(
+        &mut bad,
+        13824,
+        0,
+        BlockInfo {
+            mask: BlockMask(7),
+            ..s
+        },
+    );
+    assert_damage(
+        &bad,
+        "extent 0 at byte 13824: slot 0: cluster 0 of drive-ide0 stores blocks past the device end (mask 0x0007)",
+    );
+    let mut bad = bytes.clone();
+    set_slot(&mut bad, 13824, 0, BlockInfo { dev_id: 5, ..s });
+    assert_damage(
+        &bad,
+        "extent 0 at byte 13824: slot 0: device 5 is not declared in the header",
+    );
+    let mut bad = bytes.clone();
+    set_slot(
+        &mut bad,
+        13824,
+        0,
+        BlockInfo {
+            cluster_num: 1,
+            ..s
+        },
+    );
+    assert_damage(
+        &bad,
+        "extent 0 at byte 13824: slot 0: cluster 1 is past the end of drive-ide0 (1 clusters)",
+    );
+    assert_damage(
+        &bytes[..13824 + 512 + 1000],
+        "extent 0 at byte 13824: truncated: got 1000 of 888832 data bytes",
+    );
+    assert_damage(
+        &bytes[..903168 + 300],
+        "extent 1 at byte 903168: truncated: got 300 of 512 header bytes",
+    );
+    let e = damage(&bytes[..920064]);
+    assert_eq!(e.location(), Some(Location::End));
+    assert_eq!(
+        e.to_string(),
+        "drive-virtio1: cluster 94 missing (34 of 128 clusters missing)"
+    );
+    // The last extent twice.
+    let mut bad = bytes.clone();
+    bad.extend_from_slice(&bytes[920064..]);
+    assert_damage(
+        &bad,
+        "extent 3 at byte 928768: slot 0: cluster 94 of drive-virtio1 appears twice",
+    );
+}
+
+#[test]
+fn proxmox_archive_salvaged() {
+    let bytes = multi_disk();
+    let (_, good) = read_with(&bytes, false).unwrap();
+    let mut bad = bytes.clone();
+    bad[903168 + 100] ^= 1;
+    let (summary, got) = read_with(&bad, true).unwrap();
+    assert_eq!(summary.damage_count, 1);
+    assert_eq!(
+        summary.damage[0].to_string(),
+        "extent 1 at byte 903168: header checksum mismatch"
+    );
+    assert_eq!(summary.extents, 2);
+    assert_eq!(summary.clusters, 150 - 58);
+    assert_eq!(summary.missing.len(), 1);
+    let m = &summary.missing[0];
+    assert_eq!((m.dev_id, m.name.as_str()), (2, "drive-virtio1"));
+    assert_eq!(
+        (m.ranges.clone(), m.count, m.clusters),
+        (vec![36..94], 58, 128)
+    );
+    for (key, data) in &got.0 {
+        assert!(good.0[key] == *data, "{key:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Salvage.
+
+/// Checks that `got` holds exactly the clusters outside `lost`, correct.
+fn assert_delivered_all_but(got: &Collect, lost: std::ops::Range<u32>) {
+    for n in 0..CLUSTERS {
+        match got.0.get(&(1, n)) {
+            Some(c) => {
+                assert!(!lost.contains(&n), "lost cluster {n} delivered");
+                assert!(*c == expected_cluster(n), "cluster {n} wrong");
+            }
+            None => assert!(lost.contains(&n), "cluster {n} not delivered"),
+        }
+    }
+}
+
+#[test]
+fn salvage_skips_a_damaged_middle_extent_and_resyncs() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[1];
+    let mut bad = bytes.clone();
+    bad[off + 30] ^= 1;
+    let (summary, got) = read_with(&bad, true).unwrap();
+    assert_eq!(summary.damage_count, 1);
+    assert_eq!(
+        summary.damage[0].to_string(),
+        format!("extent 1 at byte {off}: header checksum mismatch")
+    );
+    assert_eq!(summary.extents, 2);
+    assert_eq!(summary.clusters, 131 - 58);
+    assert_eq!(summary.missing.len(), 1);
+    assert_eq!(summary.missing[0].ranges, vec![58..116]);
+    assert_eq!(summary.missing[0].count, 58);
+    assert!(!summary.is_complete());
+    assert_delivered_all_but(&got, 58..116);
+}
+
+#[test]
+fn salvage_skips_an_extent_whose_data_fails_its_checksum() {
+    let bytes = build(true);
+    let (off, len) = extents(&bytes)[0];
+    let mut bad = bytes.clone();
+    bad[off + len - 10] ^= 1;
+    let (summary, got) = read_with(&bad, true).unwrap();
+    assert_eq!(
+        summary.damage[0].to_string(),
+        format!("extent 0 at byte {off}: data checksum mismatch")
+    );
+    assert_eq!(summary.missing[0].ranges, vec![0..58]);
+    assert_delivered_all_but(&got, 0..58);
+}
+
+#[test]
+fn salvage_skips_a_bad_slot_only() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[0];
+    let mut bad = bytes.clone();
+    let s = slot(&bad, off, 3);
+    set_slot(&mut bad, off, 3, BlockInfo { dev_id: 9, ..s });
+    let (summary, got) = read_with(&bad, true).unwrap();
+    assert_eq!(summary.damage_count, 1);
+    assert_eq!(
+        summary.damage[0].to_string(),
+        format!("extent 0 at byte {off}: slot 3: device 9 is not declared in the header")
+    );
+    assert_eq!(summary.missing[0].ranges, vec![3..4]);
+    assert_delivered_all_but(&got, 3..4);
+}
+
+#[test]
+fn salvage_of_a_truncated_archive_keeps_the_whole_clusters() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[1];
+    // Clusters 58, 59 and 60 store 11, 11 and 10 blocks: a cut 25 blocks
+    // into extent 1's data leaves 58 and 59 whole, 60 torn.
+    let masks: Vec<usize> = (0..3).map(|i| slot(&bytes, off, i).mask.count()).collect();
+    assert_eq!(masks, vec![11, 11, 10]);
+    let cut = off + EXTENT_HEADER_SIZE + 25 * 4096;
+    let (summary, got) = read_with(&bytes[..cut], true).unwrap();
+    assert_eq!(summary.damage_count, 1);
+    assert_eq!(
+        summary.damage[0].to_string(),
+        format!(
+            "extent 1 at byte {off}: truncated: got 102400 of {} data bytes",
+            block_count(&bytes, off) as usize * 4096
+        )
+    );
+    assert_eq!(summary.extents, 1);
+    assert_delivered_all_but(&got, 60..131);
+    assert_eq!(summary.missing[0].ranges, vec![60..131]);
+    assert_eq!(summary.missing[0].count, 71);
+}
+
+#[test]
+fn salvage_with_a_duplicated_extent_delivers_each_cluster_once() {
+    let bytes = build(true);
+    let (off, len) = extents(&bytes)[1];
+    let mut bad = bytes[..off + len].to_vec();
+    bad.extend_from_slice(&bytes[off..]);
+    let (summary, got) = read_with(&bad, true).unwrap();
+    assert_eq!(summary.damage_count, 58);
+    assert!(summary.missing.is_empty());
+    assert_delivered_all_but(&got, 0..0);
+}
+
+// ---------------------------------------------------------------------------
+// Random damage: never a panic, never success with wrong data.
+
+/// Raw 64 KiB clusters by (device id, cluster number).
+type Content = BTreeMap<(u8, u32), Vec<u8>>;
+
+/// A small archive with two devices and a few extents, and its content.
+fn small_archive(checksums: bool) -> (Vec<u8>, Content) {
+    let mut h = HeaderBuilder::new(UUID, 0);
+    h.add_config("qemu-server.conf", b"x".to_vec()).unwrap();
+    h.add_device("a", 70 * 65536 + 4097).unwrap();
+    h.add_device("b", 5 * 65536).unwrap();
+    let mut w = Writer::new(
+        Vec::new(),
+        &h,
+        WriterOptions {
+            data_checksums: checksums,
+        },
+    )
+    .unwrap();
+    let mut content = BTreeMap::new();
+    let mut order: Vec<(u8, u32)> = (0..71).map(|n| (1, n)).collect();
+    order.extend((0..5).map(|n| (2, n)));
+    order.rotate_left(30);
+    for (dev, n) in order {
+        let mut raw = vec![0u8; CLUSTER_SIZE];
+        // One non-zero byte in a block chosen by the cluster: little data.
+        let block = (n as usize * 7 + dev as usize) % 16;
+        raw[block * 4096 + (n as usize % 4096)] = (n as u8).wrapping_mul(3) | 1;
+        if dev == 1 && n == 70 {
+            // The device ends 4097 bytes in: keep within it.
+            raw.fill(0);
+            raw[4096] = 0x5a;
+        }
+        w.write_raw(dev, n, &raw).unwrap();
+        content.insert((dev, n), raw);
+    }
+    (w.finish().unwrap(), content)
+}
+
+/// Whether `pos` lies in the data of an extent (not a header).
+fn in_data(bytes: &[u8], pos: usize) -> bool {
+    extents(bytes)
+        .iter()
+        .any(|&(off, len)| pos >= off + EXTENT_HEADER_SIZE && pos < off + len)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_damage_never_panics_nor_passes_with_wrong_data(
+        checksums in any::<bool>(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+        salvage in any::<bool>(),
+    ) {
+        let (orig, content) = small_archive(checksums);
+        let mut bad = orig.clone();
+        let mut data_touched = false;
+        let mut positions = Vec::new();
+        for (at, x) in &flips {
+            let pos = at.index(bad.len());
+            data_touched |= in_data(&orig, pos);
+            positions.push(pos);
+            bad[pos] ^= x;
+        }
+        // The extent a cut goes through: salvage hands over its whole
+        // clusters without a data checksum to check them against (it covers
+        // the entire extent), so damage there can go unnoticed.
+        let mut torn_data_touched = false;
+        if let Some(at) = cut {
+            let end = at.index(orig.len());
+            bad.truncate(end);
+            if let Some(&(off, len)) = extents(&orig).iter().find(|&&(o, l)| o <= end && end < o + l) {
+                torn_data_touched = positions
+                    .iter()
+                    .any(|&p| p >= off + EXTENT_HEADER_SIZE && p < off + len);
+            }
+        }
+        let damaged = !flips.is_empty() || cut.is_some();
+        match read_with(&bad, salvage) {
+            Ok((summary, got)) => {
+                // Delivered clusters are right, unless unprotected data was hit.
+                if (checksums && !(salvage && torn_data_touched)) || !data_touched {
+                    for (key, data) in &got.0 {
+                        prop_assert!(content[key] == *data, "wrong data in {:?}", key);
+                    }
+                }
+                if !salvage {
+                    // A strict read that succeeds read everything.
+                    prop_assert_eq!(got.0.len(), content.len());
+                    prop_assert!(cut.is_none(), "truncated archive accepted");
+                }
+                if salvage && damaged && summary.is_complete() {
+                    prop_assert_eq!(got.0.len(), content.len());
+                }
+            }
+            Err(e) => {
+                prop_assert!(damaged, "sound archive refused: {}", e);
+                prop_assert_eq!(e.class(), ErrorClass::Damaged);
+            }
+        }
+    }
+}
