@@ -63,6 +63,55 @@ impl ClusterBitmap {
         true
     }
 
+    /// The first cluster of `range` already recorded, if any; word by word.
+    pub fn first_in(&self, range: std::ops::Range<u64>) -> Option<u64> {
+        let mut n = range.start;
+        while n < range.end {
+            let page = n / PAGE_CLUSTERS;
+            let page_end = ((page + 1) * PAGE_CLUSTERS).min(range.end);
+            if let Some(words) = self.pages.get(&page) {
+                while n < page_end {
+                    let off = n % PAGE_CLUSTERS;
+                    let word_end = (n - n % 64 + 64).min(page_end);
+                    let hit = (words[(off / 64) as usize] >> (off % 64)) & low_bits(word_end - n);
+                    if hit != 0 {
+                        return Some(n + hit.trailing_zeros() as u64);
+                    }
+                    n = word_end;
+                }
+            }
+            n = page_end;
+        }
+        None
+    }
+
+    /// Records every cluster of `range` (which must lie below
+    /// [`clusters`](Self::clusters)), word by word; returns how many were new.
+    pub fn insert_range(&mut self, range: std::ops::Range<u64>) -> u64 {
+        debug_assert!(range.end <= self.clusters || range.is_empty());
+        let mut n = range.start;
+        let mut added = 0;
+        while n < range.end {
+            let page = n / PAGE_CLUSTERS;
+            let page_end = ((page + 1) * PAGE_CLUSTERS).min(range.end);
+            let words = self
+                .pages
+                .entry(page)
+                .or_insert_with(|| vec![0u64; PAGE_WORDS].into_boxed_slice());
+            while n < page_end {
+                let off = n % PAGE_CLUSTERS;
+                let word_end = (n - n % 64 + 64).min(page_end);
+                let bits = low_bits(word_end - n) << (off % 64);
+                let word = &mut words[(off / 64) as usize];
+                added += (bits & !*word).count_ones() as u64;
+                *word |= bits;
+                n = word_end;
+            }
+        }
+        self.count += added;
+        added
+    }
+
     /// Clusters not recorded.
     pub fn missing_count(&self) -> u64 {
         self.clusters - self.count
@@ -142,6 +191,15 @@ impl ClusterBitmap {
             }
         }
         None
+    }
+}
+
+/// The lowest `len` bits set (`len` at most 64).
+fn low_bits(len: u64) -> u64 {
+    if len >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << len) - 1
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Writer<W: Write> {
     extents: u64,
     bytes_written: u64,
     failed: bool,
+    /// CRC-32 of the extent's data so far, updated as each cluster is packed
+    /// (while its bytes are still in the CPU cache).
+    crc: crc32fast::Hasher,
 }
 
 impl<W: Write> Writer<W> {
@@ -112,6 +115,7 @@ impl<W: Write> Writer<W> {
             extents: 0,
             bytes_written: raw.len() as u64,
             failed: false,
+            crc: crc32fast::Hasher::new(),
         })
     }
 
@@ -184,6 +188,154 @@ impl<W: Write> Writer<W> {
         Ok(self.commit(dev_id, n, mask, cluster.data.len()))
     }
 
+    /// Room for up to `max` (at least 1) raw clusters at the end of the
+    /// extent being filled, for reading a source straight into the extent
+    /// buffer: the returned buffer holds `k * 65536` bytes, `1 <= k <= max`
+    /// (fewer when the extent is nearly full). Fill it, then call
+    /// [`commit_raw`](Self::commit_raw) to pack the clusters in place —
+    /// the same result as [`write_raw`](Self::write_raw) without its copy.
+    /// Writes the extent out first if it is full.
+    pub fn raw_buffer(&mut self, max: usize) -> Result<&mut [u8], Error> {
+        if self.failed {
+            return Err(Error::invalid("writer failed earlier"));
+        }
+        self.make_room()?;
+        let k = max
+            .min(WRITER_CLUSTERS_PER_EXTENT - self.slots.len())
+            .max(1);
+        let start = EXTENT_HEADER_SIZE + self.used;
+        Ok(&mut self.buf[start..start + k * CLUSTER_SIZE])
+    }
+
+    /// Writes the first `count` clusters of the buffer that
+    /// [`raw_buffer`](Self::raw_buffer) just returned, as clusters
+    /// `first .. first + count` of `dev_id`, each 64 KiB of raw content (bytes
+    /// past the device end ignored). Zero blocks are left out by moving the
+    /// others down in place. Returns the bytes of zero blocks. Every cluster
+    /// is checked before any is written.
+    pub fn commit_raw(&mut self, dev_id: u8, first: u32, count: usize) -> Result<u64, Error> {
+        let room = (WRITER_CLUSTERS_PER_EXTENT - self.slots.len()).max(1);
+        if count > room || (count > 0 && self.slots.len() >= WRITER_CLUSTERS_PER_EXTENT) {
+            return Err(Error::invalid(format!(
+                "{count} raw clusters committed, room for {room}"
+            )));
+        }
+        let Some(last) = first.checked_add(count.saturating_sub(1) as u32) else {
+            return Err(Error::invalid("cluster numbers past 2^32"));
+        };
+        if count == 0 {
+            return Ok(0);
+        }
+        let (size, vmstate) = {
+            let dev = self.check(dev_id, first)?;
+            (dev.size, dev.vmstate)
+        };
+        if !vmstate {
+            // The whole range must be inside the device and not written yet
+            // (vmstate: in order from `first`, which was checked).
+            for n in first + 1..=last {
+                self.check(dev_id, n)?;
+            }
+        }
+        let base = EXTENT_HEADER_SIZE + self.used;
+        let mut zero = 0;
+        for i in 0..count {
+            let n = first + i as u32;
+            let src = base + i * CLUSTER_SIZE;
+            let dst = EXTENT_HEADER_SIZE + self.used;
+            let valid = if vmstate {
+                CLUSTER_SIZE
+            } else {
+                (size - n as u64 * CLUSTER_SIZE as u64).min(CLUSTER_SIZE as u64) as usize
+            };
+            let mut mask = 0u16;
+            let mut used = 0;
+            for b in 0..BLOCKS_PER_CLUSTER {
+                let start = b * BLOCK_SIZE;
+                if start >= valid {
+                    break;
+                }
+                let end = (start + BLOCK_SIZE).min(valid);
+                if crate::zero::is_zero_block(&self.buf[src + start..src + end]) {
+                    continue;
+                }
+                mask |= 1 << b;
+                // dst + used <= src + start: moving down never overwrites
+                // blocks still to be looked at.
+                if dst + used != src + start {
+                    self.buf.copy_within(src + start..src + end, dst + used);
+                }
+                self.buf[dst + used + (end - start)..dst + used + BLOCK_SIZE].fill(0);
+                used += BLOCK_SIZE;
+            }
+            zero += self.commit(dev_id, n, BlockMask(mask), used);
+        }
+        Ok(zero)
+    }
+
+    /// Writes clusters `first .. first + count` of `dev_id` as all-zero
+    /// clusters (mask 0, no data), as a hole in a source reads: the same
+    /// archive bytes as `count` calls of [`write_cluster`](Self::write_cluster)
+    /// with an empty mask, at a fraction of their cost (a sparse 8 TiB image
+    /// is 128 Mi clusters). Returns the bytes of zero blocks. The whole range
+    /// is checked before any of it is written.
+    pub fn write_zero_clusters(
+        &mut self,
+        dev_id: u8,
+        first: u32,
+        count: u64,
+    ) -> Result<u64, Error> {
+        if count == 0 {
+            return Ok(0);
+        }
+        let dev = self.check(dev_id, first)?;
+        let end = first as u64 + count;
+        if dev.vmstate {
+            for n in first as u64..end {
+                let n =
+                    u32::try_from(n).map_err(|_| Error::invalid("cluster numbers past 2^32"))?;
+                self.write_cluster(&Cluster {
+                    dev_id,
+                    cluster_num: n,
+                    mask: BlockMask::EMPTY,
+                    data: &[],
+                })?;
+            }
+            return Ok(count * CLUSTER_SIZE as u64);
+        }
+        if end > dev.clusters {
+            return Err(Error::invalid(format!(
+                "cluster {} is past the end of {} ({} clusters)",
+                end - 1,
+                dev.name,
+                dev.clusters
+            )));
+        }
+        if let Some(n) = dev.seen.first_in(first as u64..end) {
+            return Err(Error::invalid(format!(
+                "cluster {n} of {} written twice",
+                dev.name
+            )));
+        }
+        let dev = &mut self.devices[dev_id as usize - 1];
+        dev.seen.insert_range(first as u64..end);
+        let zero = count * CLUSTER_SIZE as u64;
+        dev.zero_bytes += zero;
+        let mut n = first as u64;
+        while n < end {
+            self.make_room()?;
+            let k = ((WRITER_CLUSTERS_PER_EXTENT - self.slots.len()) as u64).min(end - n);
+            self.slots.extend((n..n + k).map(|c| BlockInfo {
+                mask: BlockMask::EMPTY,
+                reserved: 0,
+                dev_id,
+                cluster_num: c as u32,
+            }));
+            n += k;
+        }
+        Ok(zero)
+    }
+
     /// Checks that (dev_id, cluster_num) may be written now.
     fn check(&self, dev_id: u8, n: u32) -> Result<&DeviceState, Error> {
         if self.failed {
@@ -223,6 +375,10 @@ impl<W: Write> Writer<W> {
     }
 
     fn commit(&mut self, dev_id: u8, n: u32, mask: BlockMask, used: usize) -> u64 {
+        if self.options.data_checksums {
+            let start = EXTENT_HEADER_SIZE + self.used;
+            self.crc.update(&self.buf[start..start + used]);
+        }
         self.used += used;
         self.slots.push(BlockInfo {
             mask,
@@ -244,7 +400,7 @@ impl<W: Write> Writer<W> {
     fn flush_extent(&mut self) -> Result<(), Error> {
         let data_end = EXTENT_HEADER_SIZE + self.used;
         if self.options.data_checksums {
-            let crc = crc32fast::hash(&self.buf[EXTENT_HEADER_SIZE..data_end]);
+            let crc = std::mem::take(&mut self.crc).finalize();
             self.slots
                 .resize(crate::EXTENT_SLOTS - 1, BlockInfo::default());
             self.slots.push(BlockInfo::data_checksum(crc));
