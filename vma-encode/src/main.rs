@@ -1,4 +1,13 @@
+//! `vma-encode`: flags in, archive out. The work is in the library.
+
+use std::io::IsTerminal;
+
+use clap::Parser;
+
 fn main() {
-    eprintln!("not yet implemented");
-    std::process::exit(3);
+    let args = vma_encode::Args::parse();
+    if let Err(failure) = vma_encode::run(&args, std::io::stderr().is_terminal()) {
+        eprintln!("vma-encode: {failure}");
+        std::process::exit(failure.code);
+    }
 }

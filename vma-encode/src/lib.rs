@@ -1,0 +1,379 @@
+//! `vma-encode`: write a Proxmox VMA archive from raw images, block devices
+//! or a cluster stream.
+//!
+//! ```text
+//! vma-encode [-c CONFIG]… [-o ARCHIVE] [options] NAME=SOURCE… | SOURCE…
+//! vma-encode [-c CONFIG]… [-o ARCHIVE] [options] -
+//! ```
+//!
+//! The binary is thin: [`Args`] are its flags, [`run`] does the work. The
+//! pieces: [`source`] reads images sparse-aware, [`output`] writes stdout or
+//! a file made safely, [`progress`] reports on stderr. The archive itself is
+//! written by [`vma_format::Writer`]; the cluster stream is read by
+//! [`vma_format::stream::StreamReader`].
+//!
+//! Everything the command line asks for is checked before the first byte is
+//! written: every source opened and sized, every config read, the header
+//! encoded (254 devices, 256 configs, 65535-byte blobs, 512 KiB header).
+
+pub mod output;
+pub mod progress;
+pub mod source;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{BufWriter, Read};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use vma_cli::{exit, Failure};
+use vma_format::stream::StreamReader;
+use vma_format::{HeaderBuilder, Writer, WriterOptions, MAX_BLOB_SIZE, MAX_CONFIGS, MAX_DEVICES};
+
+use output::Output;
+use progress::Progress;
+use source::ImageSource;
+
+/// Device sizes are recorded rounded up to a multiple of this (Proxmox's
+/// block layer reports whole 512-byte sectors, and its restore needs them).
+pub const SECTOR: u64 = 512;
+
+/// Output buffer: small extents (clusters of holes) are gathered into writes
+/// of this size.
+const OUTPUT_BUFFER: usize = 256 * 1024;
+
+const AFTER_HELP: &str = "\
+SOURCE is a raw image file or a block device; NAME=SOURCE names the device
+(a bare SOURCE is named disk0, disk1, … by position, as Proxmox does). Sizes are
+recorded rounded up to a multiple of 512 bytes, the tail read as zero. Holes are
+skipped without reading (SEEK_DATA/SEEK_HOLE); zero 4 KiB blocks are not stored.
+A single '-' reads a cluster stream (docs/CLUSTER-STREAM.md) on standard input:
+clusters in any order, each exactly once; the archive is completed only if all
+arrived.
+
+Config files are stored under their base name. Every extent carries a CRC-32 of
+its data in the free 59th slot (ignored by other readers) unless
+--no-data-checksums is given.
+
+The archive goes to standard output (never a terminal), or with -o to a
+temporary file beside ARCHIVE that is fsynced and renamed to ARCHIVE on success
+and removed on failure.
+
+Reproducible output: --uuid and --ctime fix the only varying bytes. Without
+--ctime the creation time is the stream's backup instant (with '-'), else
+$SOURCE_DATE_EPOCH when set, else now.
+
+Exit codes: 0 ok; 1 the cluster stream is damaged, aborted or incomplete;
+2 usage (bad flags, a source that is not an image, a name, config or count the
+format cannot hold); 3 I/O or environment (cannot open or read a source, cannot
+write the archive: disk full, broken pipe).";
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vma-encode",
+    version,
+    about = "Write a Proxmox VMA archive from raw images, block devices or a cluster stream",
+    after_help = AFTER_HELP
+)]
+pub struct Args {
+    /// Store this config file (under its base name); repeatable, up to 256.
+    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
+    pub configs: Vec<PathBuf>,
+    /// Write the archive to ARCHIVE (made safely) instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "ARCHIVE")]
+    pub output: Option<PathBuf>,
+    /// The archive's uuid (default: random).
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<uuid::Uuid>,
+    /// The archive's creation time in seconds since the epoch.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub ctime: Option<i64>,
+    /// Write plain extents, without our CRC-32 of each extent's data.
+    #[arg(long)]
+    pub no_data_checksums: bool,
+    /// Print Proxmox-style progress lines and per-image statistics on stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// NAME=SOURCE or SOURCE (image file or block device), or '-' alone for a
+    /// cluster stream on standard input.
+    #[arg(value_name = "NAME=SOURCE|SOURCE|-")]
+    pub sources: Vec<OsString>,
+}
+
+/// An error of `vma-encode`: a failure ready to print, or an error of the
+/// archive writer (named after the output by [`run`]).
+#[derive(Debug)]
+pub enum EncodeError {
+    /// A complete one-line message with its exit code.
+    Failure(Failure),
+    /// The writer failed: writing the output, or closing an incomplete archive.
+    Output(vma_format::Error),
+}
+
+impl EncodeError {
+    /// A usage error (exit 2).
+    pub fn usage(message: impl Into<String>) -> EncodeError {
+        EncodeError::Failure(Failure::new(exit::USAGE, message))
+    }
+
+    /// An I/O error about `what` (exit 3).
+    pub fn io(what: &str, err: &std::io::Error) -> EncodeError {
+        EncodeError::Failure(Failure::io(what, err))
+    }
+
+    /// An error from the archive writer.
+    pub fn output(err: vma_format::Error) -> EncodeError {
+        EncodeError::Output(err)
+    }
+
+    fn into_failure(self, output: &str) -> Failure {
+        match self {
+            EncodeError::Failure(f) => f,
+            EncodeError::Output(e) => Failure::format(output, &e),
+        }
+    }
+}
+
+impl From<Failure> for EncodeError {
+    fn from(f: Failure) -> EncodeError {
+        EncodeError::Failure(f)
+    }
+}
+
+/// What the sources are.
+enum Sources {
+    Images(Vec<ImageSource>),
+    Stream(StreamReader<File>),
+}
+
+/// Runs `vma-encode` with `args`; the error carries its message (without the
+/// program name) and exit code. `stderr_is_terminal` turns on the progress bar
+/// (unless `-v`). Nothing is left under ARCHIVE's name on failure.
+pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
+    let ctime_env = source_date_epoch()?;
+    let (sources, header) = prepare(args, ctime_env)?;
+    // Refuse what the format cannot hold before creating any output.
+    header
+        .encode()
+        .map_err(|e| Failure::new(vma_cli::exit_code(&e), e.message().to_string()))?;
+    let output = match &args.output {
+        Some(path) => Output::file(path),
+        None => Output::stdout(),
+    }
+    .map_err(|e| e.into_failure("<output>"))?;
+    let out_name = output.name();
+    let sizes: Vec<u64> = header.devices().iter().map(|d| d.1).collect();
+    let mut progress = Progress::new(sizes, args.verbose, stderr_is_terminal);
+    let result = encode(args, sources, &header, &output, &mut progress);
+    match result {
+        Ok(()) => {
+            output.commit().map_err(|e| e.into_failure(&out_name))?;
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            // Dropping `output` removes the temporary file.
+            drop(output);
+            Err(e.into_failure(&out_name))
+        }
+    }
+}
+
+fn encode(
+    args: &Args,
+    sources: Sources,
+    header: &HeaderBuilder,
+    output: &Output,
+    progress: &mut Progress,
+) -> Result<(), EncodeError> {
+    let options = WriterOptions {
+        data_checksums: !args.no_data_checksums,
+    };
+    // Extents of empty clusters are 512 bytes: gather them into big writes.
+    // (Extents larger than the buffer go straight through, uncopied.)
+    let out = BufWriter::with_capacity(OUTPUT_BUFFER, output.file_handle());
+    let mut writer = Writer::new(out, header, options).map_err(EncodeError::output)?;
+    match sources {
+        Sources::Images(images) => {
+            for (i, image) in images.iter().enumerate() {
+                image.encode(i as u8 + 1, &mut writer, progress)?;
+            }
+        }
+        Sources::Stream(mut stream) => loop {
+            let cluster = match stream.next_cluster() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return Err(Failure::format("<stdin>", &e).into()),
+            };
+            let (dev_id, n) = (cluster.dev_id, cluster.cluster_num as u64);
+            let zero = writer
+                .write_cluster(&cluster)
+                .map_err(EncodeError::output)?;
+            progress.clusters(dev_id, n, 1, zero);
+        },
+    }
+    let stats: Vec<(String, u64, u64)> = writer
+        .device_stats()
+        .into_iter()
+        .map(|d| (d.name, d.size, d.zero_bytes))
+        .collect();
+    writer.finish().map_err(EncodeError::output)?;
+    progress.finish(&stats);
+    Ok(())
+}
+
+/// Opens every source and config and declares them in a header. The
+/// creation time: `--ctime`, else the stream's backup instant, else
+/// `ctime_env` (SOURCE_DATE_EPOCH), else now.
+fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilder), Failure> {
+    let stream = args.sources.len() == 1 && args.sources[0] == "-";
+    if !stream && args.sources.iter().any(|s| s == "-") {
+        return Err(Failure::new(
+            exit::USAGE,
+            "'-' (a cluster stream on standard input) must be the only source",
+        ));
+    }
+    if args.configs.len() > MAX_CONFIGS {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "too many configs: {} given, the format holds {MAX_CONFIGS}",
+                args.configs.len()
+            ),
+        ));
+    }
+    if args.sources.len() > MAX_DEVICES {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "too many devices: {} given, the format holds {MAX_DEVICES}",
+                args.sources.len()
+            ),
+        ));
+    }
+    let reader = if stream {
+        let stdin = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Failure::io("<stdin>", &e))?;
+        Some(StreamReader::new(File::from(stdin)).map_err(|e| Failure::format("<stdin>", &e))?)
+    } else {
+        None
+    };
+    let ctime = args
+        .ctime
+        .or(reader.as_ref().map(|r| r.backup_time()))
+        .or(ctime_env)
+        .unwrap_or_else(now);
+    let uuid = args.uuid.unwrap_or_else(uuid::Uuid::new_v4).into_bytes();
+    let mut builder = HeaderBuilder::new(uuid, ctime);
+    for path in &args.configs {
+        let (name, data) = read_config(path)?;
+        builder.add_config(&name, data).map_err(|e| {
+            Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
+        })?;
+    }
+    if let Some(reader) = reader {
+        for d in reader.devices() {
+            builder
+                .add_device(&d.name, d.size)
+                .map_err(|e| Failure::format("<stdin>", &e))?;
+        }
+        return Ok((Sources::Stream(reader), builder));
+    }
+    let mut images = Vec::with_capacity(args.sources.len());
+    for (i, arg) in args.sources.iter().enumerate() {
+        let (name, path) = split_source(arg, i)?;
+        let image = ImageSource::open(name, &path).map_err(|e| e.into_failure("<source>"))?;
+        builder.add_device(&image.name, image.size).map_err(|e| {
+            Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
+        })?;
+        images.push(image);
+    }
+    Ok((Sources::Images(images), builder))
+}
+
+/// `NAME=SOURCE` → (NAME, SOURCE); a bare SOURCE gets `disk{index}`. Split at
+/// the first `=`, as Proxmox does.
+fn split_source(arg: &OsStr, index: usize) -> Result<(String, PathBuf), Failure> {
+    let bytes = arg.as_bytes();
+    match bytes.iter().position(|&b| b == b'=') {
+        Some(eq) => {
+            let path = PathBuf::from(OsStr::from_bytes(&bytes[eq + 1..]));
+            let name = std::str::from_utf8(&bytes[..eq]).map_err(|_| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("{}: device name is not UTF-8", path.display()),
+                )
+            })?;
+            if path.as_os_str().is_empty() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("{}: no source after '='", arg.to_string_lossy()),
+                ));
+            }
+            Ok((name.to_string(), path))
+        }
+        None => Ok((format!("disk{index}"), PathBuf::from(arg))),
+    }
+}
+
+/// Reads a config file: its base name and content, at most 65535 bytes
+/// (checked before reading it all).
+fn read_config(path: &Path) -> Result<(String, Vec<u8>), Failure> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|e| Failure::io(&shown, &e))?;
+    let meta = file.metadata().map_err(|e| Failure::io(&shown, &e))?;
+    if meta.is_dir() {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("{shown}: is a directory"),
+        ));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_BLOB_SIZE as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| Failure::io(&shown, &e))?;
+    if data.len() > MAX_BLOB_SIZE {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("{shown}: config larger than the format's {MAX_BLOB_SIZE} bytes"),
+        ));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Failure::new(exit::USAGE, format!("{shown}: no UTF-8 base name")))?;
+    Ok((name.to_string(), data))
+}
+
+/// `$SOURCE_DATE_EPOCH`, if set (an integer, or it is a usage error).
+fn source_date_epoch() -> Result<Option<i64>, Failure> {
+    match std::env::var_os("SOURCE_DATE_EPOCH") {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .to_str()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Failure::new(
+                    exit::USAGE,
+                    format!(
+                        "SOURCE_DATE_EPOCH={}: not a number of seconds",
+                        v.to_string_lossy()
+                    ),
+                )
+            }),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

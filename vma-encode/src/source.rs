@@ -1,0 +1,183 @@
+//! Raw images and block devices as sources of clusters, read sparse-aware.
+//!
+//! Holes are found with `SEEK_DATA` / `SEEK_HOLE` and never read: every
+//! cluster wholly inside a hole goes to the writer as an all-zero cluster
+//! without a byte of I/O, so an 8 TiB image with 1 GiB of data costs the
+//! reads of 1 GiB.
+//! //! Data is read with `pread`, up to 1 MiB at a time, straight into the
+//! writer's extent buffer, where zero blocks are found and the others packed
+//! in place: the only copy of the data is the kernel's.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
+use vma_format::{clusters_for, Writer, CLUSTER_SIZE};
+
+use crate::progress::Progress;
+use crate::{EncodeError, SECTOR};
+
+/// Clusters read with one `pread` at most (1 MiB).
+pub const CHUNK_CLUSTERS: usize = 16;
+
+/// One image file or block device to back up.
+#[derive(Debug)]
+pub struct ImageSource {
+    /// The device name stored in the archive.
+    pub name: String,
+    /// The path as given.
+    pub path: PathBuf,
+    file: File,
+    /// Its real size in bytes.
+    pub real_size: u64,
+    /// The size recorded in the archive: `real_size` rounded up to a multiple
+    /// of 512, as Proxmox records it. The bytes past `real_size` read as zero.
+    pub size: u64,
+    /// Whether it is a block device (no `SEEK_DATA` there: read it all).
+    pub block_device: bool,
+}
+
+impl ImageSource {
+    /// Opens `path` and finds its size. Refused (as usage errors): a
+    /// directory, anything that is neither a regular file nor a block device,
+    /// an empty source (the format has no 0-byte devices).
+    pub fn open(name: String, path: &Path) -> Result<ImageSource, EncodeError> {
+        let shown = path.display().to_string();
+        let mut file = File::open(path).map_err(|e| EncodeError::io(&shown, &e))?;
+        let meta = file.metadata().map_err(|e| EncodeError::io(&shown, &e))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            return Err(EncodeError::usage(format!("{shown}: is a directory")));
+        }
+        let block_device = kind.is_block_device();
+        if !kind.is_file() && !block_device {
+            return Err(EncodeError::usage(format!(
+                "{shown}: not a regular file or block device"
+            )));
+        }
+        let real_size = if block_device {
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| EncodeError::io(&shown, &e))?
+        } else {
+            meta.len()
+        };
+        if real_size == 0 {
+            return Err(EncodeError::usage(format!(
+                "{shown}: is empty (the format has no 0-byte devices)"
+            )));
+        }
+        Ok(ImageSource {
+            name,
+            path: path.to_path_buf(),
+            file,
+            real_size,
+            size: real_size.div_ceil(SECTOR) * SECTOR,
+            block_device,
+        })
+    }
+
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// The next range of data at or after `offset`, as (start, end), or None
+    /// if only holes follow. Where the file system cannot say (block
+    /// devices, `EINVAL`), everything from `offset` on is data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        if offset >= self.real_size {
+            return Ok(None);
+        }
+        if self.block_device {
+            return Ok(Some((offset, self.real_size)));
+        }
+        let start = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(s) => s,
+            Err(Errno::NXIO) => return Ok(None),
+            Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => return Ok(Some((offset, self.real_size))),
+            Err(e) => return Err(e.into()),
+        };
+        let end = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(start)) {
+            Ok(e) => e,
+            // The file shrank since: no data here after all.
+            Err(Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some((start, end.min(self.real_size))))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file
+    /// are zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[got..].fill(0);
+        Ok(())
+    }
+
+    /// Writes every cluster of this source, as device `dev_id`, to `writer`,
+    /// in ascending order. Data is read straight into the writer's extent
+    /// buffer and packed there: the one copy is the kernel's.
+    pub fn encode<W: std::io::Write>(
+        &self,
+        dev_id: u8,
+        writer: &mut Writer<W>,
+        progress: &mut Progress,
+    ) -> Result<(), EncodeError> {
+        let clusters = clusters_for(self.size);
+        let cs = CLUSTER_SIZE as u64;
+        let read_err =
+            |e: io::Error| EncodeError::io(&format!("{}: read failed", self.shown()), &e);
+        let mut c = 0u64;
+        let mut seg = self.next_data(0).map_err(read_err)?;
+        while c < clusters {
+            let Some((start, end)) = seg else {
+                self.zero_clusters(dev_id, c, clusters, writer, progress)?;
+                break;
+            };
+            let first_data = (start / cs).min(clusters);
+            if c < first_data {
+                self.zero_clusters(dev_id, c, first_data, writer, progress)?;
+                c = first_data;
+            }
+            let data_end = end.div_ceil(cs).min(clusters);
+            while c < data_end {
+                let want = ((data_end - c) as usize).min(CHUNK_CLUSTERS);
+                let buf = writer.raw_buffer(want).map_err(EncodeError::output)?;
+                let n = buf.len() / CLUSTER_SIZE;
+                self.read_at(buf, c * cs).map_err(read_err)?;
+                let zero = writer
+                    .commit_raw(dev_id, c as u32, n)
+                    .map_err(EncodeError::output)?;
+                progress.clusters(dev_id, c, n as u64, zero);
+                c += n as u64;
+            }
+            seg = self.next_data(c * cs).map_err(read_err)?;
+        }
+        Ok(())
+    }
+
+    /// Clusters `from..to` lie in a hole: all zero, nothing to read.
+    fn zero_clusters<W: std::io::Write>(
+        &self,
+        dev_id: u8,
+        from: u64,
+        to: u64,
+        writer: &mut Writer<W>,
+        progress: &mut Progress,
+    ) -> Result<(), EncodeError> {
+        let zero = writer
+            .write_zero_clusters(dev_id, from as u32, to - from)
+            .map_err(EncodeError::output)?;
+        progress.clusters(dev_id, from, to - from, zero);
+        Ok(())
+    }
+}
