@@ -560,6 +560,29 @@ mod tests {
     }
 
     #[test]
+    fn vmstate_is_counted_without_a_bound() {
+        // vmstate declares 100 bytes but holds two clusters: its size does
+        // not bound it, and nothing of it is clipped.
+        let mut h = HeaderBuilder::new([2; 16], 0);
+        h.add_device("vmstate", 100).unwrap();
+        let mut w = Writer::new(Vec::new(), &h, WriterOptions::default()).unwrap();
+        w.write_raw(1, 0, &[7; 5000]).unwrap();
+        w.write_raw(1, 1, &[]).unwrap();
+        let bytes = w.finish().unwrap();
+        let report = verify_reader("m.vma", &bytes[..]);
+        assert_eq!(
+            report.device_lines(),
+            vec![
+                "  dev 1 vmstate: size 100, 2 clusters, stored 8192 bytes, zero 122880 bytes (93.8% sparse)"
+            ]
+        );
+        let v = report.to_json();
+        assert_eq!(v["devices"][0]["vmstate"], true);
+        assert_eq!(v["devices"][0]["clusters_total"], Value::Null);
+        assert_eq!(v["devices"][0]["clusters"], 2);
+    }
+
+    #[test]
     fn unopenable_input_is_an_io_error() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.vma");
