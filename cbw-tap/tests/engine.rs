@@ -1,0 +1,535 @@
+//! The copy-before-write engine driven directly (no processes): exact cost
+//! counters, concurrent random writes against the instant, the failure
+//! policies, and the stream it produces.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cbw_tap::sink::StreamSink;
+use cbw_tap::{BackupOptions, CaptureSink, Engine, Policy};
+use nbd_server::{Backend, FileBackend, ZeroFlags};
+use vma_format::stream::StreamReader;
+use vma_format::{Cluster, ClusterBuf, CLUSTER_SIZE};
+
+const CS: u64 = CLUSTER_SIZE as u64;
+
+/// xorshift64*: deterministic per seed, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Collects what the writer emits; `gate` (when closed) holds the writer
+/// in `cluster`, to play a stalled consumer.
+#[derive(Clone, Default)]
+struct MemorySink {
+    inner: Arc<(Mutex<MemState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct MemState {
+    clusters: Vec<ClusterBuf>,
+    finished: bool,
+    aborted: Option<String>,
+    stalled: bool,
+    delay: Option<Duration>,
+}
+
+impl MemorySink {
+    fn stall(&self, on: bool) {
+        self.inner.0.lock().unwrap().stalled = on;
+        self.inner.1.notify_all();
+    }
+    fn state(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.inner.0.lock().unwrap()
+    }
+}
+
+impl CaptureSink for MemorySink {
+    fn cluster(&mut self, c: &Cluster<'_>) -> std::io::Result<()> {
+        let (m, cv) = &*self.inner;
+        let mut st = cv.wait_while(m.lock().unwrap(), |s| s.stalled).unwrap();
+        if let Some(d) = st.delay {
+            drop(st);
+            thread::sleep(d);
+            st = m.lock().unwrap();
+        }
+        st.clusters.push(c.to_owned_buf());
+        Ok(())
+    }
+    fn finish(self) -> std::io::Result<()> {
+        self.state().finished = true;
+        Ok(())
+    }
+    fn abort(self, reason: &str) -> std::io::Result<()> {
+        self.state().aborted = Some(reason.to_string());
+        Ok(())
+    }
+}
+
+/// Rebuilds each device's bytes from emitted clusters, checking that every
+/// cluster came exactly once.
+fn rebuild(clusters: &[ClusterBuf], sizes: &[u64]) -> Vec<Vec<u8>> {
+    let mut seen: HashMap<(u8, u32), ()> = HashMap::new();
+    let mut out: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&s| vec![0u8; (s.div_ceil(CS) * CS) as usize])
+        .collect();
+    for c in clusters {
+        assert!(
+            seen.insert((c.dev_id, c.cluster_num), ()).is_none(),
+            "cluster {} of device {} emitted twice",
+            c.cluster_num,
+            c.dev_id
+        );
+        let off = c.cluster_num as usize * CLUSTER_SIZE;
+        c.as_cluster()
+            .expand_into(&mut out[c.dev_id as usize - 1][off..off + CLUSTER_SIZE]);
+    }
+    let total: u64 = sizes.iter().map(|s| s.div_ceil(CS)).sum();
+    assert_eq!(seen.len() as u64, total, "clusters missing");
+    for (o, &s) in out.iter_mut().zip(sizes) {
+        o.truncate(s as usize);
+    }
+    out
+}
+
+/// An image of `size` bytes: random data, with a hole at the clusters of
+/// `hole` (left sparse).
+fn make_image(path: &Path, size: u64, rng: &mut Rng, hole: std::ops::Range<u64>) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut c = 0;
+    use std::os::unix::fs::FileExt;
+    while c * CS < size {
+        if !hole.contains(&c) {
+            let len = (size - c * CS).min(CS) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            f.write_all_at(&data, c * CS).unwrap();
+        }
+        c += 1;
+    }
+}
+
+fn open(path: &Path) -> Arc<dyn Backend> {
+    Arc::new(FileBackend::open(path, false).unwrap())
+}
+
+#[test]
+fn first_write_to_an_uncopied_cluster_costs_one_read_and_one_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    let size = 32 * CS;
+    make_image(&img, size, &mut Rng::new(1), 20..24);
+    let before = fs::read(&img).unwrap();
+    let engine = Engine::new(vec![("a".into(), open(&img))]);
+    let disk = engine.backend(0);
+    let backup = engine.begin(BackupOptions::default()).unwrap();
+    // No background reader yet: every cluster is still uncopied.
+    let s0 = backup.stats();
+    assert_eq!(
+        (s0.cbw_reads, s0.cbw_clusters, s0.bytes_read[0].1),
+        (0, 0, 0)
+    );
+
+    disk.write_at(&[0xab; 100], 5 * CS + 10, false).unwrap();
+    let s1 = backup.stats();
+    assert_eq!(s1.cbw_reads, 1, "one extra read");
+    assert_eq!(s1.cbw_clusters, 1, "one cluster emitted");
+    assert_eq!(s1.bytes_read[0].1, CS);
+    assert_eq!(s1.guest_writes_delayed, 1);
+
+    // Writes to a copied cluster cost nothing extra.
+    for i in 0..10 {
+        disk.write_at(&[i; 4096], 5 * CS + 4096 * u64::from(i), i % 2 == 0)
+            .unwrap();
+    }
+    disk.write_zeroes(5 * CS, 8192, ZeroFlags::default())
+        .unwrap();
+    disk.trim(5 * CS + 8192, 4096).unwrap();
+    let s2 = backup.stats();
+    assert_eq!(
+        (
+            s2.cbw_reads,
+            s2.cbw_clusters,
+            s2.bytes_read[0].1,
+            s2.guest_writes_delayed
+        ),
+        (1, 1, CS, 1)
+    );
+
+    // A write over clusters 5..=7 copies only 6 and 7: one read each.
+    disk.write_at(&vec![0xcd; 2 * CLUSTER_SIZE], 5 * CS + 100, false)
+        .unwrap();
+    let s3 = backup.stats();
+    assert_eq!(
+        (s3.cbw_reads, s3.cbw_clusters, s3.bytes_read[0].1),
+        (3, 3, 3 * CS)
+    );
+
+    // A hole is captured without reading it.
+    disk.write_at(&[1; 10], 21 * CS, false).unwrap();
+    let s4 = backup.stats();
+    assert_eq!(
+        (s4.cbw_reads, s4.cbw_clusters, s4.cbw_hole_clusters),
+        (3, 4, 1)
+    );
+    assert_eq!(s4.bytes_read[0].1, 3 * CS);
+
+    // Reads never involve the backup.
+    let mut buf = vec![0u8; 3 * CLUSTER_SIZE];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert_eq!(backup.stats().cbw_reads, 3);
+
+    // The reader copies the rest, each cluster once; holes are not read.
+    let b2 = Arc::clone(&backup);
+    let reader = thread::spawn(move || b2.run_reader());
+    let sink = MemorySink::default();
+    backup.run_writer(sink.clone()).unwrap();
+    reader.join().unwrap();
+    engine.end(&backup);
+    let s = backup.stats();
+    assert_eq!(s.clusters_emitted, 32);
+    assert_eq!(s.reader_clusters, 28);
+    assert_eq!(s.reader_hole_clusters, 3, "clusters 20, 22, 23");
+    assert_eq!(
+        s.bytes_read[0].1,
+        (32 - 4) * CS,
+        "every data cluster read once"
+    );
+    let st = sink.state();
+    assert!(st.finished && st.aborted.is_none());
+    assert_eq!(rebuild(&st.clusters, &[size])[0], before);
+
+    // After the backup, writes cost nothing and a new backup may begin.
+    drop(st);
+    disk.write_at(&[9; 10], 0, false).unwrap();
+    assert_eq!(backup.stats().cbw_reads, 3);
+    let again = engine.begin(BackupOptions::default()).unwrap();
+    assert_eq!(
+        engine
+            .begin(BackupOptions::default())
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "a backup is already running (started at {}, unix time)",
+            again.time()
+        )
+    );
+    again.abort("test over");
+    engine.end(&again);
+}
+
+/// Random writes, write-zeroes and trims from several threads per export
+/// while the backup runs with a small buffer and a slow consumer: the
+/// emitted clusters rebuild the images as they were at the instant, every
+/// cluster exactly once, and the live images hold every write.
+#[test]
+fn concurrent_random_writes_capture_the_instant() {
+    let mut cbw = 0;
+    for seed in 0..12u64 {
+        cbw += run_random(seed).cbw_clusters;
+    }
+    // The slow consumer makes guest writes overtake the reader.
+    assert!(cbw > 0, "no copy-before-write happened in any run");
+}
+
+fn run_random(seed: u64) -> cbw_tap::Stats {
+    let mut rng = Rng::new(seed + 100);
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [
+        64 * CS,
+        40 * CS + 12_345, // a short last cluster
+        8 * CS,
+    ];
+    let mut paths = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let p = dir.path().join(format!("d{i}.raw"));
+        let h = rng.below(size.div_ceil(CS));
+        make_image(&p, size, &mut rng, h..h + 3);
+        paths.push(p);
+    }
+    let snapshot: Vec<Vec<u8>> = paths.iter().map(|p| fs::read(p).unwrap()).collect();
+    let engine = Engine::new(
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("d{i}"), open(p)))
+            .collect(),
+    );
+    let options = BackupOptions {
+        buffer: cbw_tap::MIN_BUFFER + (rng.below(4) * CS) as usize,
+        cbw_timeout: Duration::from_secs(30),
+        policy: Policy::BreakSnapshot,
+    };
+    let backup = engine.begin(options).unwrap();
+    let sink = MemorySink::default();
+    sink.state().delay = Some(Duration::from_micros(200));
+    let b2 = Arc::clone(&backup);
+    let reader = thread::spawn(move || b2.run_reader());
+    let b3 = Arc::clone(&backup);
+    let s2 = sink.clone();
+    let writer = thread::spawn(move || b3.run_writer(s2));
+
+    // Two writer threads per export, on disjoint halves, each keeping its
+    // own expected image.
+    let mut threads = Vec::new();
+    for (dev, &size) in sizes.iter().enumerate() {
+        for half in 0..2u64 {
+            let disk = engine.backend(dev);
+            let mut expect = snapshot[dev].clone();
+            let tseed = rng.next();
+            threads.push(thread::spawn(move || {
+                let mut r = Rng::new(tseed);
+                let lo = if half == 0 { 0 } else { size / 2 };
+                let hi = if half == 0 { size / 2 } else { size };
+                for _ in 0..40 {
+                    let off = lo + r.below(hi - lo);
+                    let len = 1 + r.below((hi - off).min(3 * CS));
+                    let (o, l) = (off as usize, len as usize);
+                    match r.below(10) {
+                        0 => {
+                            disk.write_zeroes(off, len, ZeroFlags::default()).unwrap();
+                            expect[o..o + l].fill(0);
+                        }
+                        1 => {
+                            disk.write_zeroes(
+                                off,
+                                len,
+                                ZeroFlags {
+                                    may_punch_hole: false,
+                                    fast_only: false,
+                                },
+                            )
+                            .unwrap();
+                            expect[o..o + l].fill(0);
+                        }
+                        _ => {
+                            let b = r.next() as u8 | 1;
+                            disk.write_at(&vec![b; l], off, r.below(4) == 0).unwrap();
+                            expect[o..o + l].fill(b);
+                        }
+                    }
+                    if r.below(8) == 0 {
+                        thread::sleep(Duration::from_micros(r.below(2000)));
+                    }
+                }
+                (dev, half, expect)
+            }));
+        }
+    }
+    let mut expected: Vec<Vec<u8>> = snapshot.clone();
+    for t in threads {
+        let (dev, half, e) = t.join().unwrap();
+        let mid = (sizes[dev] / 2) as usize;
+        if half == 0 {
+            expected[dev][..mid].copy_from_slice(&e[..mid]);
+        } else {
+            expected[dev][mid..].copy_from_slice(&e[mid..]);
+        }
+    }
+    writer.join().unwrap().unwrap();
+    reader.join().unwrap();
+    engine.end(&backup);
+    let st = sink.state();
+    assert!(st.finished, "seed {seed}: not finished");
+    let rebuilt = rebuild(&st.clusters, &sizes);
+    for dev in 0..sizes.len() {
+        assert!(
+            rebuilt[dev] == snapshot[dev],
+            "seed {seed}: device {dev} differs from the instant"
+        );
+        assert!(
+            fs::read(&paths[dev]).unwrap() == expected[dev],
+            "seed {seed}: device {dev} lost a write"
+        );
+    }
+    let s = backup.stats();
+    assert_eq!(
+        s.reader_clusters + s.cbw_clusters,
+        s.clusters_emitted,
+        "seed {seed}"
+    );
+    assert_eq!(s.snapshot_breaks + s.guest_writes_failed, 0, "seed {seed}");
+    eprintln!(
+        "seed {seed}: {} by reader, {} by copy-before-write, {} writes delayed",
+        s.reader_clusters, s.cbw_clusters, s.guest_writes_delayed
+    );
+    s
+}
+
+/// Sets up one export and a backup whose consumer is stalled, with the
+/// reader not started: the queue holds one cluster, so the second guest
+/// copy has to wait.
+fn stalled(
+    policy: Policy,
+) -> (
+    tempfile::TempDir,
+    Arc<Engine>,
+    Arc<cbw_tap::Backup>,
+    MemorySink,
+    Vec<u8>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    make_image(&img, 8 * CS, &mut Rng::new(7), 0..0);
+    let before = fs::read(&img).unwrap();
+    let engine = Engine::new(vec![("a".into(), open(&img))]);
+    let backup = engine
+        .begin(BackupOptions {
+            buffer: cbw_tap::MIN_BUFFER,
+            cbw_timeout: Duration::from_millis(200),
+            policy,
+        })
+        .unwrap();
+    let sink = MemorySink::default();
+    sink.stall(true);
+    (dir, engine, backup, sink, before)
+}
+
+#[test]
+fn break_guest_write_fails_the_write_and_keeps_the_backup() {
+    let (dir, engine, backup, sink, before) = stalled(Policy::BreakGuestWrite);
+    let disk = engine.backend(0);
+    let b2 = Arc::clone(&backup);
+    let s2 = sink.clone();
+    let writer = thread::spawn(move || b2.run_writer(s2));
+    // Fills the writer's hands and the queue.
+    disk.write_at(&[1; 10], 0, false).unwrap();
+    disk.write_at(&[1; 10], CS, false).unwrap();
+    let t0 = Instant::now();
+    let err = disk.write_at(&[2; 10], 2 * CS, false).unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert_eq!(
+        err.to_string(),
+        "copy-before-write on a timed out after 0.2 s (the consumer does not keep up)"
+    );
+    assert!(!backup.is_over());
+    let s = backup.stats();
+    assert_eq!((s.guest_writes_failed, s.snapshot_breaks), (1, 0));
+    // The failed write did not happen; once the consumer moves, the
+    // backup completes with the instant's content.
+    sink.stall(false);
+    let b3 = Arc::clone(&backup);
+    thread::spawn(move || b3.run_reader()).join().unwrap();
+    writer.join().unwrap().unwrap();
+    engine.end(&backup);
+    assert!(sink.state().finished);
+    assert_eq!(rebuild(&sink.state().clusters, &[8 * CS])[0], before);
+    let now = fs::read(dir.path().join("a.raw")).unwrap();
+    assert_eq!(
+        &now[2 * CLUSTER_SIZE..2 * CLUSTER_SIZE + 10],
+        &before[2 * CLUSTER_SIZE..2 * CLUSTER_SIZE + 10]
+    );
+    assert_eq!(&now[..10], &[1; 10]);
+}
+
+#[test]
+fn break_snapshot_aborts_the_backup_and_lets_the_write_through() {
+    let (dir, engine, backup, sink, _before) = stalled(Policy::BreakSnapshot);
+    let disk = engine.backend(0);
+    let b2 = Arc::clone(&backup);
+    let s2 = sink.clone();
+    let writer = thread::spawn(move || b2.run_writer(s2));
+    disk.write_at(&[1; 10], 0, false).unwrap();
+    disk.write_at(&[1; 10], CS, false).unwrap();
+    let t0 = Instant::now();
+    disk.write_at(&[2; 10], 2 * CS, false).unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert!(backup.is_over());
+    let reason = "copy-before-write on a timed out after 0.2 s (the consumer does not keep up)";
+    assert_eq!(backup.abort_reason().as_deref(), Some(reason));
+    sink.stall(false);
+    assert_eq!(writer.join().unwrap(), Err(reason.to_string()));
+    // The reader stops at once.
+    backup.run_reader();
+    engine.end(&backup);
+    assert_eq!(sink.state().aborted.as_deref(), Some(reason));
+    assert!(!sink.state().finished);
+    // Later writes pass straight through, and a new backup may start.
+    disk.write_at(&[3; 10], 3 * CS, false).unwrap();
+    let now = fs::read(dir.path().join("a.raw")).unwrap();
+    assert_eq!(&now[2 * CLUSTER_SIZE..2 * CLUSTER_SIZE + 10], &[2; 10]);
+    assert_eq!(&now[3 * CLUSTER_SIZE..3 * CLUSTER_SIZE + 10], &[3; 10]);
+    let next = engine.begin(BackupOptions::default()).unwrap();
+    next.abort("done");
+    engine.end(&next);
+}
+
+/// The real stream: what StreamSink writes, StreamReader accepts, and it
+/// rebuilds the instant.
+#[test]
+fn stream_sink_output_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.raw");
+    make_image(&a, 10 * CS + 700, &mut Rng::new(3), 2..4);
+    make_image(&b, 3 * CS, &mut Rng::new(4), 0..0);
+    let snap = [fs::read(&a).unwrap(), fs::read(&b).unwrap()];
+    let engine = Engine::new(vec![
+        ("disk-a".into(), open(&a)),
+        ("disk-b".into(), open(&b)),
+    ]);
+    let backup = engine.begin(BackupOptions::default()).unwrap();
+    engine
+        .backend(0)
+        .write_at(&[5; 3000], 9 * CS, false)
+        .unwrap();
+    let b2 = Arc::clone(&backup);
+    let reader = thread::spawn(move || b2.run_reader());
+    let mut bytes = Vec::new();
+    let sink = StreamSink::new(&mut bytes, &backup).unwrap();
+    backup.run_writer(sink).unwrap();
+    reader.join().unwrap();
+    engine.end(&backup);
+    let mut rd = StreamReader::new(&bytes[..]).unwrap();
+    assert_eq!(rd.backup_time(), backup.time());
+    let devs: Vec<(String, u64)> = rd
+        .devices()
+        .iter()
+        .map(|d| (d.name.clone(), d.size))
+        .collect();
+    assert_eq!(
+        devs,
+        vec![
+            ("disk-a".into(), (10 * CS + 700).div_ceil(512) * 512),
+            ("disk-b".into(), 3 * CS)
+        ]
+    );
+    let mut got = Vec::new();
+    while let Some(c) = rd.next_cluster().unwrap() {
+        got.push(c.to_owned_buf());
+    }
+    let rebuilt = rebuild(&got, &[10 * CS + 700, 3 * CS]);
+    assert!(rebuilt[0] == snap[0] && rebuilt[1] == snap[1]);
+    // Aborted: the reader fails with the reason.
+    let backup = engine.begin(BackupOptions::default()).unwrap();
+    backup.abort("operator cancelled");
+    let mut bytes = Vec::new();
+    let sink = StreamSink::new(&mut bytes, &backup).unwrap();
+    assert_eq!(backup.run_writer(sink), Err("operator cancelled".into()));
+    engine.end(&backup);
+    let mut rd = StreamReader::new(&bytes[..]).unwrap();
+    let err = rd.next_cluster().unwrap_err().to_string();
+    assert!(
+        err.contains("the producer aborted the stream: operator cancelled"),
+        "{err}"
+    );
+    let _ = std::io::stdout().flush();
+}
