@@ -1,6 +1,8 @@
 //! Round trips through the library writer and reader: whatever devices,
-//! sizes, zero patterns and cluster order, every device reads back byte for
-//! byte, and the archive has the shape Proxmox's writer gives it.
+//! sizes, zero patterns and cluster order, and whichever of the writer's
+//! entry points (write_raw, write_cluster, raw_buffer + commit_raw,
+//! write_zero_clusters), every device reads back byte for byte, and the
+//! archive has the shape Proxmox's writer gives it.
 //!
 //! Cluster content is a pure function of (seed, device, cluster), so the
 //! reading side regenerates what it expects cluster by cluster: nothing the
@@ -136,12 +138,6 @@ impl Case {
         (!raw.iter().all(|&b| b == 0)).then_some(raw)
     }
 
-    /// Whether cluster `n` of device `d` goes in pre-packed (write_cluster)
-    /// rather than raw (write_raw, which detects zero blocks itself).
-    fn packed(&self, d: usize, n: u32) -> bool {
-        mix(key(self.seed, d, n) ^ 0xabcd) & 1 == 0
-    }
-
     /// Packs `raw` as a source of packed clusters might: every block inside
     /// the device that is not all zero counting the garbage past the end, so
     /// the writer has to zero the stored bytes past the end.
@@ -165,11 +161,11 @@ impl Case {
 
     /// What reading must give for cluster `n` of device `d`: its 64 KiB,
     /// zero past the device end; and the mask the writer must have stored.
-    fn expected(&self, d: usize, n: u32) -> (Vec<u8>, BlockMask) {
+    fn expected(&self, d: usize, n: u32, how: How) -> (Vec<u8>, BlockMask) {
         let Some(raw) = self.raw(d, n) else {
             return (vec![0u8; CLUSTER_SIZE], BlockMask::EMPTY);
         };
-        let mask = if self.packed(d, n) {
+        let mask = if how == How::Packed {
             self.pack(d, n, &raw).0
         } else {
             let valid = self.valid(d, n);
@@ -203,63 +199,145 @@ impl Case {
         h
     }
 
-    /// Every (device index, cluster), shuffled across devices; vmstate
-    /// clusters keep their order among themselves.
-    fn order(&self) -> Vec<(usize, u32)> {
-        let mut order: Vec<(usize, u32)> = Vec::new();
-        for d in 0..self.devs.len() {
-            order.extend((0..self.clusters(d) as u32).map(|n| (d, n)));
-        }
-        let mut state = self.seed;
-        for i in (1..order.len()).rev() {
+    /// How the archive is written: every device cut into runs of 1 to 70
+    /// consecutive clusters (so runs cross extent boundaries), the runs
+    /// shuffled across devices (vmstate runs renumbered so its clusters
+    /// still come in order), each run written one way.
+    fn plan(&self) -> Plan {
+        let mut state = mix(self.seed ^ 0x1234);
+        let mut next = || {
             state = mix(state);
-            order.swap(i, (state % (i as u64 + 1)) as usize);
-        }
-        let mut next = vec![0u32; self.devs.len()];
-        for (d, n) in &mut order {
-            if self.devs[*d].vmstate {
-                *n = next[*d];
-                next[*d] += 1;
+            state
+        };
+        let mut runs = Vec::new();
+        for d in 0..self.devs.len() {
+            let clusters = self.clusters(d);
+            // Long runs on big devices, to stay fast.
+            let longest = if clusters > 10_000 { 4000 } else { 70 };
+            let mut n = 0u64;
+            while n < clusters {
+                let count = (1 + next() % longest).min(clusters - n);
+                runs.push((d, n as u32, count as u32));
+                n += count;
             }
         }
-        order
+        for i in (1..runs.len()).rev() {
+            runs.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        let mut vmstate_next = 0;
+        let mut how: Vec<Vec<How>> = (0..self.devs.len())
+            .map(|d| vec![How::Raw; self.clusters(d) as usize])
+            .collect();
+        let mut plan = Vec::with_capacity(runs.len());
+        for (d, mut first, count) in runs {
+            if self.devs[d].vmstate {
+                first = vmstate_next;
+                vmstate_next += count;
+            }
+            let all_zero = (first..first + count).all(|n| self.raw(d, n).is_none());
+            let h = match next() % 4 {
+                0 => How::Raw,
+                1 => How::Packed,
+                2 => How::Buffer,
+                _ if all_zero => How::Zero,
+                _ => How::Buffer,
+            };
+            for n in first..first + count {
+                how[d][n as usize] = h;
+            }
+            plan.push((d, first, count, h));
+        }
+        Plan { runs: plan, how }
     }
 
-    fn write(&self) -> Vec<u8> {
+    fn write(&self, plan: &Plan) -> Vec<u8> {
         let options = WriterOptions {
             data_checksums: self.checksums,
         };
         let mut w = Writer::new(Vec::new(), &self.header(), options).unwrap();
-        for (d, n) in self.order() {
+        for &(d, first, count, how) in &plan.runs {
             let id = d as u8 + 1;
-            match (self.raw(d, n), self.packed(d, n)) {
-                (None, true) => w.write_cluster(&Cluster {
-                    dev_id: id,
-                    cluster_num: n,
-                    mask: BlockMask::EMPTY,
-                    data: &[],
-                }),
-                (None, false) => w.write_raw(id, n, &[]),
-                (Some(raw), true) => {
-                    let (mask, data) = self.pack(d, n, &raw);
-                    w.write_cluster(&Cluster {
-                        dev_id: id,
-                        cluster_num: n,
-                        mask,
-                        data: &data,
-                    })
+            match how {
+                How::Zero => {
+                    w.write_zero_clusters(id, first, count as u64).unwrap();
                 }
-                (Some(raw), false) => w.write_raw(id, n, &raw),
+                How::Buffer => {
+                    // Straight into the writer's extent buffer, as many
+                    // clusters at a time as it offers.
+                    let mut n = first;
+                    while n < first + count {
+                        let buf = w.raw_buffer((first + count - n) as usize).unwrap();
+                        let k = buf.len() / CLUSTER_SIZE;
+                        for (i, c) in buf.chunks_mut(CLUSTER_SIZE).enumerate() {
+                            match self.raw(d, n + i as u32) {
+                                Some(raw) => c.copy_from_slice(&raw),
+                                None => c.fill(0),
+                            }
+                        }
+                        w.commit_raw(id, n, k).unwrap();
+                        n += k as u32;
+                    }
+                }
+                How::Raw | How::Packed => {
+                    for n in first..first + count {
+                        self.write_one(&mut w, d, n, how);
+                    }
+                }
             }
-            .unwrap();
         }
         w.finish().unwrap()
     }
+
+    fn write_one(&self, w: &mut Writer<Vec<u8>>, d: usize, n: u32, how: How) {
+        let id = d as u8 + 1;
+        match (self.raw(d, n), how) {
+            (None, How::Packed) => w.write_cluster(&Cluster {
+                dev_id: id,
+                cluster_num: n,
+                mask: BlockMask::EMPTY,
+                data: &[],
+            }),
+            (None, _) => w.write_raw(id, n, &[]),
+            (Some(raw), How::Packed) => {
+                let (mask, data) = self.pack(d, n, &raw);
+                w.write_cluster(&Cluster {
+                    dev_id: id,
+                    cluster_num: n,
+                    mask,
+                    data: &data,
+                })
+            }
+            (Some(raw), _) => w.write_raw(id, n, &raw),
+        }
+        .unwrap();
+    }
+}
+
+/// How a run of clusters is handed to the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    /// `write_raw`, one cluster at a time (the writer finds zero blocks).
+    Raw,
+    /// `write_cluster`, packed here (blocks past the device end never
+    /// named, but the stored tail block carries garbage past the end).
+    Packed,
+    /// `raw_buffer` + `commit_raw`: packed in place in the extent buffer.
+    Buffer,
+    /// `write_zero_clusters` (all-zero runs only).
+    Zero,
+}
+
+/// The runs (device index, first cluster, count, how) in writing order, and
+/// how each cluster was written, by device index and cluster.
+struct Plan {
+    runs: Vec<(usize, u32, u32, How)>,
+    how: Vec<Vec<How>>,
 }
 
 /// Compares every delivered cluster with what the case generates.
 struct Check<'a> {
     case: &'a Case,
+    plan: &'a Plan,
     clusters: Vec<u64>,
     buf: Vec<u8>,
 }
@@ -267,7 +345,8 @@ struct Check<'a> {
 impl ClusterSink for Check<'_> {
     fn cluster(&mut self, c: &Cluster<'_>) -> std::io::Result<Flow> {
         let d = c.dev_id as usize - 1;
-        let (content, mask) = self.case.expected(d, c.cluster_num);
+        let how = self.plan.how[d][c.cluster_num as usize];
+        let (content, mask) = self.case.expected(d, c.cluster_num, how);
         assert_eq!(
             c.mask, mask,
             "mask of cluster {} of device {}",
@@ -287,11 +366,13 @@ impl ClusterSink for Check<'_> {
 
 /// Writes the case, checks the archive's shape, reads it back and compares.
 fn round_trip(case: &Case) {
-    let bytes = case.write();
+    let plan = case.plan();
+    let bytes = case.write(&plan);
     check_shape(case, &bytes);
     let mut archive = Archive::new(&bytes[..]).unwrap();
     let mut check = Check {
         case,
+        plan: &plan,
         clusters: vec![0; case.devs.len()],
         buf: vec![0u8; CLUSTER_SIZE],
     };
@@ -423,7 +504,7 @@ fn a_five_gib_sparse_device_round_trips_in_little_memory() {
         seed: 7,
         checksums: true,
     };
-    let bytes = case.write();
+    let bytes = case.write(&case.plan());
     // Headers of about 1400 extents and 30 clusters of data at most: well
     // under the 5 GiB the device holds.
     assert!(bytes.len() < 4 << 20, "{} bytes", bytes.len());
