@@ -61,6 +61,8 @@ impl Output {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
+        // The directory's own error, without tempfile's temporary path.
+        std::fs::metadata(dir).map_err(|e| EncodeError::io(&shown, &e))?;
         if dest.is_dir() {
             return Err(EncodeError::usage(format!("{shown}: is a directory")));
         }
@@ -71,7 +73,12 @@ impl Output {
             .prefix(&prefix)
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(dir)
-            .map_err(|e| EncodeError::io(&shown, &e))?;
+            .map_err(|e| {
+                EncodeError::io(
+                    &format!("{shown}: cannot create a temporary file beside it"),
+                    &e,
+                )
+            })?;
         Ok(Output::Temp {
             tmp,
             dest: dest.to_path_buf(),
