@@ -11,6 +11,8 @@
 // Missing clusters are lists of ranges: a one-range list is the value meant.
 #![allow(clippy::single_range_in_vec_init)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -172,6 +174,107 @@ fn assert_damage(bytes: &[u8], message: &str) {
     assert_eq!(damage(bytes).to_string(), message);
 }
 
+// ---------------------------------------------------------------------------
+// Allocation accounting: the bytes a test thread allocates, so that "no huge
+// allocation" is measured, not assumed. Per thread, since tests run in
+// parallel.
+
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn note(delta: isize) {
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the
+// bookkeeping allocates nothing (const-initialised thread-locals).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            note(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            note(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        note(-(layout.size() as isize));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            note(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its result with the most bytes this thread had
+/// allocated at once meanwhile, beyond what it held before.
+fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    let peak = PEAK.with(Cell::get);
+    (out, (peak - base).max(0) as usize)
+}
+
+/// Asserts that a strict read of `bytes` fails with `message` and allocates
+/// at most `limit` bytes doing so.
+#[track_caller]
+fn assert_damage_within(bytes: &[u8], message: &str, limit: usize) {
+    let (e, peak) = peak_allocation(|| damage(bytes));
+    assert_eq!(e.to_string(), message);
+    assert!(peak <= limit, "{message}: {peak} bytes allocated");
+}
+
+/// What reading needs at most: one extent of 59 full clusters, a bitmap
+/// page, the header; far below anything a lying field could ask for.
+const READ_MEMORY: usize = 6 << 20;
+
+#[test]
+fn a_sound_read_stays_within_its_memory_bound() {
+    let bytes = build(true);
+    let (summary, peak) = peak_allocation(|| {
+        let mut archive = Archive::new(&bytes[..]).unwrap();
+        archive.run(&mut Count).unwrap()
+    });
+    assert_eq!(summary.clusters, CLUSTERS as u64);
+    assert!(peak <= READ_MEMORY, "{peak} bytes allocated");
+    // The accounting sees the extent buffer (about 2.5 MiB of data here).
+    assert!(peak >= 1 << 20, "only {peak} bytes counted");
+}
+
+/// Counts nothing, keeps nothing.
+struct Count;
+
+impl ClusterSink for Count {
+    fn cluster(&mut self, _: &Cluster<'_>) -> std::io::Result<Flow> {
+        Ok(Flow::Continue)
+    }
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
 }
@@ -228,11 +331,12 @@ fn absurd_device_size_is_refused_before_anything_is_allocated() {
         let mut bad = bytes.clone();
         bad[at..at + 8].copy_from_slice(&size.to_be_bytes());
         reseal_header(&mut bad);
-        assert_damage(
+        assert_damage_within(
             &bad,
             &format!(
                 "header: device 1: size {size} is larger than 32-bit cluster numbers can address"
             ),
+            READ_MEMORY,
         );
     }
 }
@@ -245,7 +349,8 @@ fn the_largest_device_costs_nothing_until_its_clusters_arrive() {
     let mut h = HeaderBuilder::new(UUID, 0);
     h.add_device("huge", 1 << 48).unwrap();
     let bytes = h.encode().unwrap();
-    let e = damage(&bytes);
+    let (e, peak) = peak_allocation(|| damage(&bytes));
+    assert!(peak <= READ_MEMORY, "{peak} bytes allocated");
     assert_eq!(e.location(), Some(Location::End));
     assert_eq!(
         e.to_string(),
@@ -259,21 +364,23 @@ fn absurd_header_size_is_refused_before_anything_is_allocated() {
     for size in [u32::MAX, 12287, 0, MAX_READ_HEADER_SIZE as u32 + 1] {
         let mut bad = bytes.clone();
         bad[56..60].copy_from_slice(&size.to_be_bytes());
-        assert_damage(
+        assert_damage_within(
             &bad,
             &format!("header: header size {size} outside 12288..={MAX_READ_HEADER_SIZE}"),
+            READ_MEMORY,
         );
     }
     // The largest size accepted, on a short input: only the bytes that
     // arrive are held, and the input is too short.
     let mut bad = bytes.clone();
     bad[56..60].copy_from_slice(&(MAX_READ_HEADER_SIZE as u32).to_be_bytes());
-    assert_damage(
+    assert_damage_within(
         &bad,
         &format!(
             "header: truncated: got {} of {MAX_READ_HEADER_SIZE} bytes",
             bytes.len()
         ),
+        2 * bytes.len() + READ_MEMORY,
     );
 }
 
@@ -433,11 +540,12 @@ fn block_count_that_does_not_match_the_masks() {
         let mut bad = bytes.clone();
         bad[off + 6..off + 8].copy_from_slice(&claimed.to_be_bytes());
         reseal_extent(&mut bad, off);
-        assert_damage(
+        assert_damage_within(
             &bad,
             &format!(
                 "extent 0 at byte {off}: block_count {claimed} does not match the {blocks} blocks its masks name"
             ),
+            READ_MEMORY,
         );
     }
 }
