@@ -377,3 +377,27 @@ fn now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_named_like_proxmox() {
+        let split = |a: &str, i| split_source(OsStr::new(a), i).map_err(|f| f.message);
+        assert_eq!(
+            split("drive-scsi0=/dev/sdb", 0),
+            Ok(("drive-scsi0".into(), PathBuf::from("/dev/sdb")))
+        );
+        assert_eq!(
+            split("a.raw", 3),
+            Ok(("disk3".into(), PathBuf::from("a.raw")))
+        );
+        // Split at the first '=', as Proxmox does.
+        assert_eq!(
+            split("x=a=b.raw", 0),
+            Ok(("x".into(), PathBuf::from("a=b.raw")))
+        );
+        assert_eq!(split("x=", 0), Err("x=: no source after '='".into()));
+    }
+}
