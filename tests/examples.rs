@@ -33,7 +33,10 @@ fn every_example_is_tested() {
     names.sort();
     let tested = ["demo.sh", "live-backup.sh"];
     for n in &names {
-        assert!(tested.contains(&n.as_str()), "examples/{n} has no test in tests/examples.rs");
+        assert!(
+            tested.contains(&n.as_str()),
+            "examples/{n} has no test in tests/examples.rs"
+        );
     }
 }
 

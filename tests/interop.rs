@@ -80,7 +80,9 @@ fn dissect_reads_our_archives() {
     for checksums in [true, false] {
         let archive = tmp.path().join(format!("ours-{checksums}.vma"));
         let mut cmd = Command::new(bin("vma-encode"));
-        cmd.current_dir(&src).args(["-c", "qemu-server.conf", "-c", "pve-firewall.fw", "-o"]).arg(&archive);
+        cmd.current_dir(&src)
+            .args(["-c", "qemu-server.conf", "-c", "pve-firewall.fw", "-o"])
+            .arg(&archive);
         if !checksums {
             cmd.arg("--no-data-checksums");
         }
@@ -88,7 +90,11 @@ fn dissect_reads_our_archives() {
             cmd.arg(format!("{name}={file}"));
         }
         let o = cmd.output().unwrap();
-        assert!(o.status.success(), "vma-encode: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "vma-encode: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
 
         let out = tmp.path().join(format!("dissect-{checksums}"));
         let listing = dissect_extract(&archive, &out);
@@ -105,7 +111,10 @@ fn dissect_reads_our_archives() {
         }
         assert_eq!(listing, want);
         for cfg in ["qemu-server.conf", "pve-firewall.fw"] {
-            assert_eq!(sha256_file(&out.join(format!("cfg-{cfg}"))), sha256_file(&src.join(cfg)));
+            assert_eq!(
+                sha256_file(&out.join(format!("cfg-{cfg}"))),
+                sha256_file(&src.join(cfg))
+            );
         }
     }
 }

@@ -31,7 +31,8 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     BUILD.call_once(|| {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(root()).args(["build", "--workspace", "--bins"]);
+        cmd.current_dir(root())
+            .args(["build", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }
@@ -50,12 +51,23 @@ pub fn make_images(outdir: &Path, args: &[&str]) {
         .args(args)
         .output()
         .expect("python3 must be installed to generate test images");
-    assert!(out.status.success(), "make_images.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make_images.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// sha256 of a file, as hex.
 pub fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

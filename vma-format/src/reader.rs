@@ -31,6 +31,11 @@ pub enum Flow {
 /// data checksum included), then `finish` once if the archive was read to its
 /// end (or a sink asked to stop). An error — from the archive or from the
 /// sink — ends reading without `finish`.
+///
+/// One exception, in salvage mode only: the whole clusters of an extent cut
+/// off by the end of the input are delivered although its data checksum
+/// (which covers the whole extent) cannot be checked — they are the best data
+/// left, and the truncation is recorded in the summary's damage.
 pub trait ClusterSink {
     /// Called before the first cluster.
     fn begin(&mut self, _header: &VmaHeader) -> io::Result<()> {
@@ -248,7 +253,7 @@ impl<R: Read> Archive<R> {
                 Err(problem) => {
                     let err = Error::damaged(Some(loc), problem);
                     tolerate(salvage, &mut summary, err)?;
-                    if self.resync(&head[1..], offset + 1)? {
+                    if self.resync(index, &head[1..], offset + 1)? {
                         continue;
                     }
                     break;
@@ -289,7 +294,7 @@ impl<R: Read> Archive<R> {
                     ),
                 );
                 tolerate(salvage, &mut summary, err)?;
-                if self.resync(&head[1..], offset + 1)? {
+                if self.resync(index, &head[1..], offset + 1)? {
                     continue;
                 }
                 break;
@@ -481,7 +486,8 @@ impl<R: Read> Archive<R> {
     /// After damage: finds the next valid extent header at or after
     /// `start_offset`, whose bytes begin with `start` (already consumed), and
     /// arranges for reading to go on from there. False at the end of input.
-    fn resync(&mut self, start: &[u8], start_offset: u64) -> Result<bool, Error> {
+    /// `index` numbers the extent being looked for (for messages).
+    fn resync(&mut self, index: u64, start: &[u8], start_offset: u64) -> Result<bool, Error> {
         let uuid = self.header.uuid();
         let mut buf = start.to_vec();
         let mut base = start_offset;
