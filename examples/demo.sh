@@ -31,8 +31,8 @@ ls -l vm.vma.zst
 echo "== verify from a pipe"
 zstd -dc vm.vma.zst | vma-verify -
 
-echo "== list"
-zstd -dc vm.vma.zst | vma-decode list -
+echo "== list (reads only the header, so zstd may see a closed pipe: not an error)"
+vma-decode list <(zstd -dc vm.vma.zst)
 
 echo "== restore and compare"
 rm -rf restored
