@@ -522,7 +522,7 @@ impl<R: Read> Archive<R> {
             let got = self.read_full(&mut buf[old..]).map_err(|e| {
                 Error::io(
                     Some(Location::Extent {
-                        index: 0,
+                        index,
                         offset: base,
                     }),
                     "read failed",
