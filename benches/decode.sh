@@ -23,8 +23,8 @@ best() {
   for _ in 1 2 3; do
     local s e t
     s=$(date +%s.%N); bash -c "$1"; e=$(date +%s.%N)
-    t=$(echo "$e - $s" | bc -l)
-    if [ -z "$best" ] || (( $(echo "$t < $best" | bc -l) )); then best=$t; fi
+    t=$(awk -v a="$s" -v b="$e" 'BEGIN { printf "%.6f", b - a }')
+    if [ -z "$best" ] || awk -v t="$t" -v b="$best" 'BEGIN { exit !(t < b) }'; then best=$t; fi
   done
   echo "$best"
 }
@@ -64,11 +64,12 @@ arch100="$work/sparse100g.vma"
 rss_100g=$(rss_kib "rm -rf '$work/out-3'; '$bin/vma-decode' extract '$arch100' '$work/out-3'")
 rm -rf "$work/out-3" "$sparse"
 
-mib() { echo "scale=1; $size / 1048576 / $1" | bc -l; }
+mib() { awk -v s="$size" -v t="$1" 'BEGIN { printf "%.0f", s / 1048576 / t }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 echo "== decode benchmark ($(nproc) cores; archive $((size / 1048576)) MiB, page cache warm)"
 printf '%-34s %8.3f s  %8s MiB/s\n' "cat ARCHIVE > /dev/null" "$t_cat" "$(mib "$t_cat")"
-printf '%-34s %8.3f s  %8s MiB/s   ratio to cat: %s\n' "vma-verify ARCHIVE" "$t_verify" "$(mib "$t_verify")" "$(echo "scale=2; $t_cat / $t_verify" | bc -l)"
+printf '%-34s %8.3f s  %8s MiB/s   ratio to cat: %s\n' "vma-verify ARCHIVE" "$t_verify" "$(mib "$t_verify")" "$(ratio "$t_cat" "$t_verify")"
 printf '%-34s %8.3f s  %8s MiB/s\n' "cp ARCHIVE DIR/" "$t_cp" "$(mib "$t_cp")"
-printf '%-34s %8.3f s  %8s MiB/s   ratio to cp: %s\n' "vma-decode extract ARCHIVE DIR" "$t_extract" "$(mib "$t_extract")" "$(echo "scale=2; $t_cp / $t_extract" | bc -l)"
+printf '%-34s %8.3f s  %8s MiB/s   ratio to cp: %s\n' "vma-decode extract ARCHIVE DIR" "$t_extract" "$(mib "$t_extract")" "$(ratio "$t_cp" "$t_extract")"
 echo "vma-decode extract max RSS: 1 GiB archive ${rss_1g} KiB; 100 GiB sparse device ${rss_100g} KiB"
