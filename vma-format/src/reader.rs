@@ -565,7 +565,9 @@ impl<R: Read> Archive<R> {
             let piece = unsafe { std::slice::from_raw_parts_mut(base.add(got), end - got) };
             match self.read_full(piece) {
                 Ok(n) => {
-                    pending.0.hash(PiecePtr(base.wrapping_add(got).cast_const()), n);
+                    pending
+                        .0
+                        .hash(PiecePtr(base.wrapping_add(got).cast_const()), n);
                     got += n;
                     if got < end {
                         break;
