@@ -101,13 +101,23 @@ pub fn parse_request(v: &Value) -> Result<BackupOptions, String> {
     Ok(o)
 }
 
+/// How a backup requested over the control socket ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Its instant (Unix time).
+    pub time: i64,
+    /// `Err(reason)` if it was aborted.
+    pub result: Result<(), String>,
+    /// Its counters.
+    pub stats: Stats,
+}
+
 /// Serves one control connection on the server side: reads the request,
 /// takes the instant, streams the backup, sends the final status. Returns
-/// when the backup has ended (successfully or not).
-pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) {
-    let Ok(reader) = stream.try_clone() else {
-        return;
-    };
+/// when the backup has ended, with its outcome (`None` if none began:
+/// a bad request, or refused).
+pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcome> {
+    let reader = stream.try_clone().ok()?;
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut reader = BufReader::new(reader);
     let mut out = &stream;
@@ -118,14 +128,14 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) {
         Ok(o) => o,
         Err(e) => {
             let _ = write_line(&mut out, &json!({"ok": false, "error": e}));
-            return;
+            return None;
         }
     };
     let backup = match engine.begin(options) {
         Ok(b) => b,
         Err(e) => {
             let _ = write_line(&mut out, &json!({"ok": false, "error": e.to_string()}));
-            return;
+            return None;
         }
     };
     // From here on the backup must end whatever happens.
@@ -180,10 +190,10 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) {
         }
     };
     engine.end(&backup);
-    let stats = backup.stats().to_json();
-    let status = match result {
-        Ok(()) => json!({"ok": true, "stats": stats}),
-        Err(reason) => json!({"ok": false, "error": reason, "stats": stats}),
+    let stats = backup.stats();
+    let status = match &result {
+        Ok(()) => json!({"ok": true, "stats": stats.to_json()}),
+        Err(reason) => json!({"ok": false, "error": reason, "stats": stats.to_json()}),
     };
     let _ = FramedWriter::new(&stream, None)
         .end()
@@ -192,6 +202,11 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) {
     if let Some(w) = watcher {
         let _ = w.join();
     }
+    Some(Outcome {
+        time: backup.time(),
+        result,
+        stats,
+    })
 }
 
 /// What `cbw-tap backup` does, apart from flag parsing.

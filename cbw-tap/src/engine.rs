@@ -55,8 +55,9 @@ const CS: u64 = CLUSTER_SIZE as u64;
 /// Clusters the background reader claims and reads at once (1 MiB).
 pub const READER_BATCH: u64 = 16;
 
-/// Smallest `--buffer`: one full cluster and its overhead.
-pub const MIN_BUFFER: usize = CLUSTER_SIZE + crate::queue::ITEM_OVERHEAD;
+/// Smallest `--buffer`: one full cluster (a cluster is always admitted into
+/// an empty queue, so this is enough to make progress).
+pub const MIN_BUFFER: usize = CLUSTER_SIZE;
 
 /// What to do when copying a cluster before a guest write fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -16,7 +16,7 @@ use nbd_server::{bind_unix_socket, Backend, FileBackend, Listener, Server, Serve
 use vma_cli::{exit, Failure};
 use vma_format::{MAX_DEVICES, MAX_DEVICE_SIZE, VMSTATE_NAME};
 
-use crate::control::handle_control;
+use crate::control::{handle_control, Outcome};
 use crate::engine::Engine;
 
 /// What to serve.
@@ -198,6 +198,24 @@ impl Tap {
     }
 }
 
+/// One line on stderr per backup, for the server's log.
+fn log_outcome(o: &Outcome) {
+    let s = &o.stats;
+    match &o.result {
+        Ok(()) => eprintln!(
+            "cbw-tap serve: backup of {} finished: {} clusters ({} by copy-before-write), {} bytes emitted, {} guest writes delayed (longest {:.3} ms), {:.3} s",
+            o.time,
+            s.clusters_emitted,
+            s.cbw_clusters,
+            s.bytes_emitted,
+            s.guest_writes_delayed,
+            s.longest_delay.as_secs_f64() * 1000.0,
+            s.elapsed.as_secs_f64()
+        ),
+        Err(reason) => eprintln!("cbw-tap serve: backup of {} aborted: {reason}", o.time),
+    }
+}
+
 fn control_loop(engine: &Arc<Engine>, listener: UnixListener, stopping: &AtomicBool) {
     for conn in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
@@ -208,7 +226,11 @@ fn control_loop(engine: &Arc<Engine>, listener: UnixListener, stopping: &AtomicB
                 let engine = Arc::clone(engine);
                 let spawned = thread::Builder::new()
                     .name("cbw-backup".into())
-                    .spawn(move || handle_control(&engine, stream));
+                    .spawn(move || {
+                        if let Some(o) = handle_control(&engine, stream) {
+                            log_outcome(&o);
+                        }
+                    });
                 if spawned.is_err() {
                     thread::sleep(Duration::from_millis(50));
                 }

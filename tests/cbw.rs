@@ -1,0 +1,928 @@
+//! `cbw-tap` end to end with real clients: qemu-io writes through the
+//! server while `cbw-tap backup | vma-encode -` runs; the archive, decoded
+//! by vma-decode, must be the disks at the backup instant and the live
+//! disks must hold every acknowledged write. Also: killing the consumer,
+//! the failure policies, refusing a second backup, malformed NBD traffic,
+//! and the example script.
+//!
+//! `CBW_RUNS=N CBW_SEED=S` change the randomized test's run count and first
+//! seed (scripts/cbw-soak.sh uses them).
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const CS: u64 = 65536;
+
+/// xorshift64*: deterministic per seed.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// A disk image: random data, a hole of a few clusters, a zero cluster.
+fn make_image(path: &Path, size: u64, rng: &mut Rng) -> Vec<u8> {
+    let mut data = rng.bytes(size as usize);
+    let clusters = size.div_ceil(CS);
+    let h = rng.below(clusters);
+    let hole = (h * CS) as usize..(((h + 3) * CS).min(size)) as usize;
+    data[hole.clone()].fill(0);
+    let z = (rng.below(clusters) * CS) as usize;
+    data[z..(z + CS as usize).min(size as usize)].fill(0);
+    // Write it sparse: the hole stays unallocated.
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&data[..hole.start], 0).unwrap();
+    f.write_all_at(&data[hole.end..], hole.end as u64).unwrap();
+    data
+}
+
+/// A running `cbw-tap serve`, killed when dropped.
+struct Tap {
+    child: Child,
+    sock: PathBuf,
+    ctl: PathBuf,
+    log: PathBuf,
+}
+
+impl Tap {
+    fn start(dir: &Path, exports: &[(&str, &Path)]) -> Tap {
+        let sock = dir.join("nbd.sock");
+        let ctl = dir.join("nbd.sock.ctl");
+        let log = dir.join("serve.log");
+        let mut cmd = Command::new(common::bin("cbw-tap"));
+        cmd.arg("serve").arg("--socket").arg(&sock);
+        for (name, path) in exports {
+            let mut arg = std::ffi::OsString::from(format!("{name}="));
+            arg.push(path.as_os_str());
+            cmd.arg(arg);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut tap = Tap {
+            child,
+            sock,
+            ctl,
+            log,
+        };
+        let t0 = Instant::now();
+        while !(tap.sock.exists() && tap.ctl.exists()) {
+            if let Some(st) = tap.child.try_wait().unwrap() {
+                panic!(
+                    "cbw-tap serve exited ({st}): {}",
+                    fs::read_to_string(&tap.log).unwrap()
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "cbw-tap serve did not start"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        tap
+    }
+
+    fn uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.sock.display())
+    }
+
+    /// Runs qemu-io with `cmds` against export `name`.
+    fn qemu_io(&self, name: &str, cmds: &[String]) -> Output {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &self.uri(name)]);
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        cmd.output()
+            .expect("qemu-io (qemu-utils) must be installed")
+    }
+
+    fn qemu_io_spawn(&self, name: &str, cmds: &[String]) -> Child {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &self.uri(name)]);
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-io (qemu-utils) must be installed")
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A guest operation, as a qemu-io command and as its effect.
+#[derive(Clone, Debug)]
+enum Op {
+    Write { off: u64, len: u64, pat: u8 },
+    Zero { off: u64, len: u64 },
+    Discard { off: u64, len: u64 },
+}
+
+impl Op {
+    fn random(r: &mut Rng, size: u64) -> Op {
+        let kind = r.below(10);
+        if kind < 2 {
+            // Discards aligned to 4 KiB: QEMU may drop unaligned edges.
+            let off = r.below(size / 4096) * 4096;
+            let len = (1 + r.below(48)) * 4096;
+            let len = len.min(size - off);
+            if kind == 0 {
+                return Op::Discard { off, len };
+            }
+            return Op::Zero { off, len };
+        }
+        let off = r.below(size);
+        let len = (1 + r.below(3 * CS)).min(size - off);
+        Op::Write {
+            off,
+            len,
+            pat: (r.below(255) + 1) as u8,
+        }
+    }
+
+    fn command(&self) -> String {
+        match self {
+            Op::Write { off, len, pat } => format!("write -P {pat:#04x} {off} {len}"),
+            Op::Zero { off, len } => format!("write -z {off} {len}"),
+            Op::Discard { off, len } => format!("discard {off} {len}"),
+        }
+    }
+
+    fn apply(&self, img: &mut [u8]) {
+        match *self {
+            Op::Write { off, len, pat } => img[off as usize..(off + len) as usize].fill(pat),
+            Op::Zero { off, len } | Op::Discard { off, len } => {
+                img[off as usize..(off + len) as usize].fill(0)
+            }
+        }
+    }
+}
+
+fn assert_qemu_io_ok(out: &Output, what: &str) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "{what}: qemu-io failed ({}):\n{text}",
+        out.status
+    );
+}
+
+/// `cbw-tap backup … | (test's pump) | vma-encode -o ARCHIVE -`. While
+/// `slow` is set the pump passes 16 KiB every 2 ms (8 MB/s), so guest
+/// writes overtake the background reader.
+struct Pipeline {
+    backup: Child,
+    encode: Child,
+    pump: thread::JoinHandle<()>,
+    slow: Arc<AtomicBool>,
+}
+
+impl Pipeline {
+    fn start(tap: &Tap, archive: &Path, args: &[&str], instant: &Path) -> Pipeline {
+        let mut backup = Command::new(common::bin("cbw-tap"))
+            .arg("backup")
+            .arg("--control")
+            .arg(&tap.ctl)
+            .args(args)
+            .arg("--post")
+            .arg(format!("touch '{}'", instant.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut encode = Command::new(common::bin("vma-encode"))
+            .arg("-o")
+            .arg(archive)
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let slow = Arc::new(AtomicBool::new(true));
+        let mut from = backup.stdout.take().unwrap();
+        let mut to = encode.stdin.take().unwrap();
+        let slow2 = Arc::clone(&slow);
+        let pump = thread::spawn(move || {
+            let mut buf = vec![0u8; 16384];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                if slow2.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        wait_for_instant(instant, &mut backup);
+        Pipeline {
+            backup,
+            encode,
+            pump,
+            slow,
+        }
+    }
+
+    /// Lets the rest flow at full speed and waits: (backup status and
+    /// stderr, vma-encode status and stderr).
+    fn finish(self) -> ((ExitStatus, String), (ExitStatus, String)) {
+        self.slow.store(false, Ordering::Relaxed);
+        let b = self.backup.wait_with_output().unwrap();
+        self.pump.join().unwrap();
+        let e = self.encode.wait_with_output().unwrap();
+        (
+            (b.status, String::from_utf8_lossy(&b.stderr).into_owned()),
+            (e.status, String::from_utf8_lossy(&e.stderr).into_owned()),
+        )
+    }
+}
+
+/// Waits for the post hook's file: the instant is taken.
+fn wait_for_instant(instant: &Path, backup: &mut Child) {
+    let t0 = Instant::now();
+    while !instant.exists() {
+        if let Some(st) = backup.try_wait().unwrap() {
+            let mut err = String::new();
+            backup
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("cbw-tap backup ended before the instant ({st}):\n{err}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no backup instant");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The counters `cbw-tap backup` prints: (emitted, by reader, by cbw,
+/// cbw reads).
+fn parse_counts(stderr: &str) -> (u64, u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("cbw-tap backup: clusters: "))
+        .unwrap_or_else(|| panic!("no counters in:\n{stderr}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    // emitted, reader, reader holes, cbw, cbw reads, cbw holes
+    (nums[0], nums[1], nums[3], nums[4])
+}
+
+fn decode(archive: &Path, out: &Path) {
+    let st = Command::new(common::bin("vma-decode"))
+        .arg("extract")
+        .arg(archive)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "vma-decode extract failed");
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a == b
+}
+
+/// Where two images first differ, for messages.
+fn first_diff(a: &[u8], b: &[u8]) -> String {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!("first difference at byte {i} (cluster {})", i as u64 / CS),
+        None => format!("lengths {} and {}", a.len(), b.len()),
+    }
+}
+
+fn random_run(seed: u64) -> (u64, u64) {
+    let mut rng = Rng::new(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let names = ["sda", "sdb", "sdc"];
+    let sizes = [2 << 20, (1 << 20) + 20480 + 512, 3 << 19];
+    let mut snapshot = Vec::new();
+    let mut paths = Vec::new();
+    for (n, &s) in names.iter().zip(&sizes) {
+        let p = d.join(format!("{n}.raw"));
+        snapshot.push(make_image(&p, s, &mut rng));
+        paths.push(p);
+    }
+    let exports: Vec<(&str, &Path)> = names
+        .iter()
+        .zip(&paths)
+        .map(|(n, p)| (*n, p.as_path()))
+        .collect();
+    let tap = Tap::start(d, &exports);
+    let archive = d.join("vm.vma");
+    let buffer = ["64K", "256K", "1M"][rng.below(3) as usize];
+    let pipe = Pipeline::start(&tap, &archive, &["--buffer", buffer], &d.join("instant"));
+
+    // One qemu-io per export, all at once, commands in order within each.
+    let mut expected = snapshot.clone();
+    let mut writers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ops: Vec<Op> = (0..12 + rng.below(12))
+            .map(|_| Op::random(&mut rng, sizes[i]))
+            .collect();
+        for op in &ops {
+            op.apply(&mut expected[i]);
+        }
+        let cmds: Vec<String> = ops.iter().map(Op::command).collect();
+        writers.push((name, tap.qemu_io_spawn(name, &cmds)));
+    }
+    for (name, w) in writers {
+        let out = w.wait_with_output().unwrap();
+        assert_qemu_io_ok(&out, &format!("seed {seed}, export {name}"));
+    }
+    let ((bst, berr), (est, eerr)) = pipe.finish();
+    assert!(bst.success(), "seed {seed}: backup failed ({bst}):\n{berr}");
+    assert!(
+        est.success(),
+        "seed {seed}: vma-encode failed ({est}):\n{eerr}"
+    );
+
+    let out = d.join("restored");
+    decode(&archive, &out);
+    for (i, name) in names.iter().enumerate() {
+        let restored = fs::read(out.join(format!("disk-{name}.raw"))).unwrap();
+        assert!(
+            same(&restored, &snapshot[i]),
+            "seed {seed}: {name} in the archive is not the disk at the instant: {}",
+            first_diff(&restored, &snapshot[i])
+        );
+        let live = fs::read(&paths[i]).unwrap();
+        assert!(
+            same(&live, &expected[i]),
+            "seed {seed}: live {name} lost an acknowledged write: {}",
+            first_diff(&live, &expected[i])
+        );
+    }
+    let (emitted, reader, cbw, _) = parse_counts(&berr);
+    let total: u64 = sizes.iter().map(|s| s.div_ceil(CS)).sum();
+    assert_eq!(emitted, total, "seed {seed}");
+    assert_eq!(reader + cbw, total, "seed {seed}");
+    (cbw, total)
+}
+
+#[test]
+fn live_backup_during_random_writes_is_the_instant() {
+    let runs: u64 = std::env::var("CBW_RUNS").map_or(20, |v| v.parse().unwrap());
+    let first: u64 = std::env::var("CBW_SEED").map_or(1, |v| v.parse().unwrap());
+    let mut cbw = 0;
+    let mut total = 0;
+    for seed in first..first + runs {
+        eprintln!("cbw randomized run: seed {seed} (rerun: CBW_SEED={seed} CBW_RUNS=1)");
+        let (c, t) = random_run(seed);
+        cbw += c;
+        total += t;
+    }
+    eprintln!("{cbw} of {total} clusters captured by copy-before-write");
+    assert!(cbw > 0, "guest writes never overtook the background reader");
+}
+
+/// Stalls a backup: vma-encode's output is a pipe nobody reads, so
+/// everything behind it fills up. Returns (backup, vma-encode).
+fn stalled_backup(tap: &Tap, args: &[&str], instant: &Path) -> (Child, Child) {
+    let mut backup = Command::new(common::bin("cbw-tap"))
+        .arg("backup")
+        .arg("--control")
+        .arg(&tap.ctl)
+        .args(args)
+        .arg("--post")
+        .arg(format!("touch '{}'", instant.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let encode = Command::new(common::bin("vma-encode"))
+        .arg("-")
+        .stdin(Stdio::from(backup.stdout.take().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_instant(instant, &mut backup);
+    // Let the reader fill every buffer on the way.
+    thread::sleep(Duration::from_millis(500));
+    (backup, encode)
+}
+
+fn images(d: &Path, rng: &mut Rng, size: u64) -> (Vec<PathBuf>, Vec<Vec<u8>>) {
+    let mut paths = Vec::new();
+    let mut data = Vec::new();
+    for n in ["a", "b", "c"] {
+        let p = d.join(format!("{n}.raw"));
+        data.push(make_image(&p, size, rng));
+        paths.push(p);
+    }
+    (paths, data)
+}
+
+#[test]
+fn killing_the_consumer_aborts_the_backup_and_no_guest_write_is_lost() {
+    let mut rng = Rng::new(77);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 16 << 20;
+    let (paths, mut expected) = images(d, &mut rng, size);
+    let tap = Tap::start(d, &[("a", &paths[0]), ("b", &paths[1]), ("c", &paths[2])]);
+    let (backup, mut encode) = stalled_backup(
+        &tap,
+        &["--cbw-timeout", "60", "--buffer", "256K"],
+        &d.join("instant"),
+    );
+
+    // A second backup is refused while this one runs.
+    let second = Command::new(common::bin("cbw-tap"))
+        .args(["backup", "--control"])
+        .arg(&tap.ctl)
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(3));
+    let msg = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        msg.starts_with(&format!(
+            "cbw-tap backup: {}: server refused the backup: a backup is already running (started at ",
+            tap.ctl.display()
+        )),
+        "{msg}"
+    );
+    assert!(second.stdout.is_empty());
+
+    // Guest writes to the last export, which the stalled reader has not
+    // reached: they wait for queue space.
+    let mut writers = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let ops: Vec<Op> = (0..6)
+            .map(|_| {
+                let off = size - 4 * CS + rng.below(3 * CS);
+                Op::Write {
+                    off,
+                    len: 1 + rng.below(CS),
+                    pat: (1 + rng.below(255)) as u8,
+                }
+            })
+            .collect();
+        for op in &ops {
+            op.apply(&mut expected[i]);
+        }
+        let cmds: Vec<String> = ops.iter().map(Op::command).collect();
+        writers.push((name, tap.qemu_io_spawn(name, &cmds)));
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        writers[2].1.try_wait().unwrap().is_none(),
+        "the write to c should be waiting for its copy"
+    );
+    let t_kill = Instant::now();
+    encode.kill().unwrap(); // SIGKILL
+    let _ = encode.wait();
+    for (name, w) in writers {
+        let out = w.wait_with_output().unwrap();
+        assert_qemu_io_ok(&out, &format!("export {name} after the kill"));
+    }
+    assert!(
+        t_kill.elapsed() < Duration::from_secs(20),
+        "guest writes were held long after the consumer died"
+    );
+    let out = backup.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("cbw-tap backup: stdout: Broken pipe (os error 32): the consumer is gone, backup aborted"),
+        "{err}"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        assert!(
+            same(&fs::read(p).unwrap(), &expected[i]),
+            "image {i} lost a write"
+        );
+    }
+
+    // A new backup succeeds and holds the images as they are now.
+    let archive = d.join("vm.vma");
+    let pipe = Pipeline::start(&tap, &archive, &["--json"], &d.join("instant2"));
+    let ((bst, berr), (est, eerr)) = pipe.finish();
+    assert!(bst.success(), "{berr}");
+    assert!(est.success(), "{eerr}");
+    let json_line = berr.lines().last().unwrap();
+    assert!(
+        json_line.starts_with("{") && json_line.contains("\"ok\":true"),
+        "{berr}"
+    );
+    assert!(
+        json_line.contains("\"clusters_emitted\":768"),
+        "{json_line}"
+    );
+    decode(&archive, &d.join("out"));
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let r = fs::read(d.join("out").join(format!("disk-{n}.raw"))).unwrap();
+        assert!(
+            same(&r, &expected[i]),
+            "{n}: {}",
+            first_diff(&r, &expected[i])
+        );
+    }
+}
+
+#[test]
+fn cbw_timeout_policies() {
+    let mut rng = Rng::new(5);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 16 << 20;
+    let (paths, mut expected) = images(d, &mut rng, size);
+    let tap = Tap::start(d, &[("a", &paths[0]), ("b", &paths[1]), ("c", &paths[2])]);
+    let tail = size - 2 * CS;
+
+    // break-guest-write: the write fails with EIO after the timeout, the
+    // image is unchanged.
+    let (backup, mut encode) = stalled_backup(
+        &tap,
+        &[
+            "--cbw-timeout",
+            "1",
+            "--buffer",
+            "256K",
+            "--on-cbw-error",
+            "break-guest-write",
+        ],
+        &d.join("i1"),
+    );
+    let t0 = Instant::now();
+    let out = tap.qemu_io("c", &[format!("write -P 0x5a {tail} 4096")]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+    assert!(text.contains("write failed: Input/output error"), "{text}");
+    assert!(same(&fs::read(&paths[2]).unwrap(), &expected[2]));
+    encode.kill().unwrap();
+    let _ = encode.wait();
+    let out = backup.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+
+    // break-snapshot: the write goes through after the timeout and the
+    // backup is aborted with the reason (the server logs it; the stalled
+    // consumer never gets it).
+    let (backup, mut encode) = stalled_backup(
+        &tap,
+        &["--cbw-timeout", "1", "--buffer", "256K"],
+        &d.join("i2"),
+    );
+    let t0 = Instant::now();
+    let out = tap.qemu_io("c", &[format!("write -P 0x5a {tail} 4096")]);
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+    assert_qemu_io_ok(&out, "break-snapshot write");
+    Op::Write {
+        off: tail,
+        len: 4096,
+        pat: 0x5a,
+    }
+    .apply(&mut expected[2]);
+    assert!(same(&fs::read(&paths[2]).unwrap(), &expected[2]));
+    encode.kill().unwrap();
+    let _ = encode.wait();
+    let out = backup.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let want =
+        "aborted: copy-before-write on c timed out after 1 s (the consumer does not keep up)";
+    let t0 = Instant::now();
+    loop {
+        let log = fs::read_to_string(&tap.log).unwrap();
+        if log
+            .lines()
+            .any(|l| l.starts_with("cbw-tap serve: backup of ") && l.ends_with(want))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "server log:\n{log}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Writes pass straight through now.
+    let t0 = Instant::now();
+    let out = tap.qemu_io("c", &[format!("write -P 0x5b {} 4096", tail - CS)]);
+    assert_qemu_io_ok(&out, "write after the abort");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+/// Speaks raw NBD to the server: fixed newstyle, NBD_OPT_GO for `name`,
+/// no structured replies. Returns the socket in transmission phase.
+fn nbd_connect(sock: &Path, name: &str) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes()); // GO
+    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).unwrap();
+        if kind == 1 {
+            return s; // ACK
+        }
+        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
+    }
+}
+
+fn nbd_request(cmd: u16, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&cmd.to_be_bytes());
+    r.extend_from_slice(&42u64.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// Reads a simple reply and returns its error value.
+fn nbd_reply(s: &mut UnixStream) -> u32 {
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+    u32::from_be_bytes(r[4..8].try_into().unwrap())
+}
+
+/// Reads until the server closes the connection.
+fn closed(s: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn malformed_nbd_traffic_leaves_the_server_running_and_images_intact() {
+    let mut rng = Rng::new(9);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 1 << 20;
+    let (paths, data) = images(d, &mut rng, size);
+    let tap = Tap::start(d, &[("a", &paths[0]), ("b", &paths[1]), ("c", &paths[2])]);
+
+    // Garbage instead of client flags.
+    let mut s = UnixStream::connect(&tap.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(closed(&mut s));
+    // An unknown option is refused, the connection stays usable.
+    let mut s = UnixStream::connect(&tap.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&0x7777u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    let mut rep = [0u8; 20];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(rep[12..16].try_into().unwrap()),
+        0x8000_0001
+    ); // ERR_UNSUP
+    drop(s);
+    // Out of range and oversized requests get errors.
+    let mut s = nbd_connect(&tap.sock, "b");
+    s.write_all(&nbd_request(1, size - 10, 100)).unwrap(); // WRITE past the end
+    s.write_all(&[0xee; 100]).unwrap();
+    assert_eq!(nbd_reply(&mut s), 28); // ENOSPC
+    s.write_all(&nbd_request(0, size, 1)).unwrap(); // READ past the end
+    assert_eq!(nbd_reply(&mut s), 22); // EINVAL
+    s.write_all(&nbd_request(4, 0, 0)).unwrap(); // zero-length TRIM
+    assert_eq!(nbd_reply(&mut s), 22);
+    s.write_all(&nbd_request(0x55, 0, 512)).unwrap(); // unknown command
+    assert_eq!(nbd_reply(&mut s), 22);
+    // A 64 MiB write: refused, its payload skipped; then a bad magic closes.
+    s.write_all(&nbd_request(1, 0, 64 << 20)).unwrap();
+    let junk = vec![0xdd; 1 << 20];
+    for _ in 0..64 {
+        s.write_all(&junk).unwrap();
+    }
+    assert_eq!(nbd_reply(&mut s), 22);
+    s.write_all(b"\xde\xad\xbe\xef not a request at all....")
+        .unwrap();
+    assert!(closed(&mut s));
+    // A client vanishing in the middle of a write's payload writes nothing.
+    let mut s = nbd_connect(&tap.sock, "c");
+    s.write_all(&nbd_request(1, 4096, 65536)).unwrap();
+    s.write_all(&[0xcc; 1000]).unwrap();
+    drop(s);
+    // ... and one vanishing in the middle of a request header.
+    let mut s = nbd_connect(&tap.sock, "a");
+    s.write_all(&nbd_request(1, 0, 512)[..10]).unwrap();
+    drop(s);
+
+    // Still serving, images untouched, and a backup of them is exact.
+    let out = tap.qemu_io("a", &["read 0 4096".to_string()]);
+    assert_qemu_io_ok(&out, "read after malformed traffic");
+    for (i, p) in paths.iter().enumerate() {
+        assert!(same(&fs::read(p).unwrap(), &data[i]), "image {i} changed");
+    }
+    let archive = d.join("vm.vma");
+    let ((bst, berr), (est, eerr)) = Pipeline::start(&tap, &archive, &[], &d.join("i")).finish();
+    assert!(bst.success() && est.success(), "{berr}\n{eerr}");
+    decode(&archive, &d.join("out"));
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let r = fs::read(d.join("out").join(format!("disk-{n}.raw"))).unwrap();
+        assert!(same(&r, &data[i]), "{n}");
+    }
+}
+
+#[test]
+fn real_clients_and_clean_shutdown() {
+    let mut rng = Rng::new(11);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("disk.raw");
+    let data = make_image(&p, 3 << 20, &mut rng);
+    let mut tap = Tap::start(d, &[("disk", &p)]);
+    // nbdcopy reads it back exactly; qemu-img compares equal.
+    let copy = d.join("copy.raw");
+    let st = Command::new("nbdcopy")
+        .arg(tap.uri("disk"))
+        .arg(&copy)
+        .status()
+        .expect("nbdcopy (libnbd-bin) must be installed");
+    assert!(st.success());
+    assert!(same(&fs::read(&copy).unwrap(), &data));
+    let st = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&p)
+        .arg(tap.uri("disk"))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+    let info = Command::new("nbdinfo")
+        .arg(tap.uri("disk"))
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    // SIGTERM: exit 0, sockets removed.
+    let st = Command::new("kill")
+        .arg("-TERM")
+        .arg(tap.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = tap.child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!tap.sock.exists() && !tap.ctl.exists());
+}
+
+#[test]
+fn command_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(common::bin("cbw-tap"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sock = d.join("s").display().to_string();
+    let img = d.join("x.raw");
+    fs::write(&img, [1u8; 4096]).unwrap();
+    let ximg = format!("x={}", img.display());
+    let (code, err) = run(&["serve", "--socket", &sock, "../x=/dev/null"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "cbw-tap serve: export \"../x\": name \"../x\" contains '/'\n"
+    );
+    let (code, err) = run(&["serve", "--socket", &sock, "vmstate=/dev/null"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "cbw-tap serve: export \"vmstate\": the name is reserved for VM state\n"
+    );
+    let (code, err) = run(&["serve", "--socket", &sock, &ximg, &ximg.replace("x=", "y=")]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        format!(
+            "cbw-tap serve: {}: the same image is given twice\n",
+            img.display()
+        )
+    );
+    let missing = d.join("missing.raw");
+    let (code, err) = run(&[
+        "serve",
+        "--socket",
+        &sock,
+        &format!("m={}", missing.display()),
+    ]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        err,
+        format!(
+            "cbw-tap serve: {}: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+    let (code, err) = run(&["backup", "--control", &sock]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        err,
+        format!("cbw-tap backup: {sock}: cannot connect: No such file or directory (os error 2)\n")
+    );
+    let (code, err) = run(&["backup", "--control", &sock, "--buffer", "1K"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "cbw-tap backup: --buffer must be at least 65536 bytes\n"
+    );
+}
+
+#[test]
+fn example_live_backup() {
+    let bin_dir = common::bin("cbw-tap").parent().unwrap().to_path_buf();
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(common::root().join("examples/live-backup.sh"))
+        .arg(work.path())
+        .env("VMA_BIN", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "examples/live-backup.sh failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
