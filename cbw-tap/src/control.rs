@@ -4,7 +4,8 @@
 //! Over a Unix socket (mode 0600), all text lines are one JSON object:
 //!
 //! 1. client → server: the request,
-//!    `{"request":"backup","buffer":BYTES,"cbw_timeout":SECONDS,"policy":"break-snapshot"}`;
+//!    `{"request":"backup","buffer":BYTES,"cbw_timeout":SECONDS,"policy":"break-snapshot","bwlimit":BYTES_PER_SECOND}`
+//!    (every field but `request` optional; `bwlimit` null or absent: none);
 //! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}]}`
 //!    once the instant is taken, or `{"ok":false,"error":"…"}` (e.g. a
 //!    backup is already running) and the connection ends;
@@ -15,8 +16,9 @@
 //!
 //! The client sends nothing after the request: if the connection closes
 //! (the client died, or its stdout broke), the server aborts the backup.
-//! A server write that makes no progress for the backup's `cbw_timeout`
-//! (a stalled consumer) aborts it too.
+//! A slow consumer only slows the backup down (guest writes are protected
+//! by `cbw_timeout` and the policy); once a backup is aborted, the server
+//! stops writing to a consumer that makes no progress for a second.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -35,6 +37,9 @@ use crate::stats::Stats;
 
 /// Longest request or reply line.
 const MAX_LINE: usize = 64 * 1024;
+
+/// How often a blocked write to the client checks whether to give up.
+const STALL_POLL: Duration = Duration::from_secs(1);
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +75,7 @@ pub fn request(options: &BackupOptions) -> Value {
         "buffer": options.buffer,
         "cbw_timeout": options.cbw_timeout.as_secs_f64(),
         "policy": options.policy.as_str(),
+        "bwlimit": options.bwlimit,
     })
 }
 
@@ -97,6 +103,16 @@ pub fn parse_request(v: &Value) -> Result<BackupOptions, String> {
             .as_str()
             .and_then(Policy::parse)
             .ok_or("policy must be break-snapshot or break-guest-write")?;
+    }
+    match v.get("bwlimit") {
+        None | Some(Value::Null) => {}
+        Some(b) => {
+            o.bwlimit = Some(
+                b.as_u64()
+                    .filter(|&b| b > 0)
+                    .ok_or("bwlimit must be a positive byte count per second")?,
+            )
+        }
     }
     Ok(o)
 }
@@ -148,9 +164,9 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
     if write_line(&mut out, &reply).is_err() {
         backup.abort("the backup client went away before the backup started");
     }
-    // A consumer that takes nothing for this long is considered stalled.
-    let stall = backup.options().cbw_timeout.max(Duration::from_secs(1));
-    let _ = stream.set_write_timeout(Some(stall));
+    // Writes wake up every second to see whether the backup was aborted
+    // meanwhile (see FramedWriter).
+    let _ = stream.set_write_timeout(Some(STALL_POLL));
 
     // Any byte or EOF from the client means it is gone (it sends nothing).
     let _ = stream.set_read_timeout(None);

@@ -99,6 +99,10 @@ pub struct BackupOptions {
     pub cbw_timeout: Duration,
     /// What happens when that wait times out or the read fails.
     pub policy: Policy,
+    /// Most bytes per second the background reader reads (`None`: as fast
+    /// as the consumer takes them), so a backup leaves CPU and disk time
+    /// to the guests. Copy-before-write is never limited.
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for BackupOptions {
@@ -107,6 +111,7 @@ impl Default for BackupOptions {
             buffer: 64 << 20,
             cbw_timeout: Duration::from_secs(45),
             policy: Policy::BreakSnapshot,
+            bwlimit: None,
         }
     }
 }
@@ -657,6 +662,8 @@ impl Backup {
     /// cluster order, then closes the queue. Returns early when the backup
     /// is aborted; a read error aborts it. Run it in its own thread.
     pub fn run_reader(&self) {
+        lower_thread_priority();
+        let start = Instant::now();
         let mut raw = vec![0u8; (READER_BATCH * CS) as usize];
         let mut pending: Vec<(usize, u64)> = Vec::new();
         for (index, ex) in self.exports.iter().enumerate() {
@@ -680,12 +687,14 @@ impl Backup {
                         }
                     }
                 }
-                if claimed != 0
-                    && self
+                if claimed != 0 {
+                    if self
                         .copy_batch(index, c, end - c, claimed, &mut raw)
                         .is_err()
-                {
-                    return;
+                    {
+                        return;
+                    }
+                    self.pace(start);
                 }
                 c = end;
             }
@@ -718,6 +727,26 @@ impl Backup {
             }
         }
         self.queue.close();
+    }
+
+    /// Sleeps while the reader is ahead of `--bwlimit` (bytes it read
+    /// since `start`).
+    fn pace(&self, start: Instant) {
+        let Some(limit) = self.options.bwlimit.filter(|&l| l > 0) else {
+            return;
+        };
+        let read: u64 = self
+            .counters
+            .bytes_read
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        let due = start + Duration::from_secs_f64(read as f64 / limit as f64);
+        let now = Instant::now();
+        if due > now {
+            // Sleep in slices so an abort is noticed soon.
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
     }
 
     /// Copies the claimed clusters (bits of `claimed`) of `first..first +
@@ -806,7 +835,10 @@ impl Backup {
     /// finishes the sink — or, if the backup was aborted, aborts the sink
     /// with the reason. A sink error (the consumer is gone) aborts the
     /// backup. Returns `Err(reason)` unless the sink was finished.
+    /// Like the reader, the calling thread gets nice 10 for the rest of its
+    /// life (backup work yields to guest I/O).
     pub fn run_writer<S: CaptureSink>(&self, mut sink: S) -> Result<(), String> {
+        lower_thread_priority();
         let mut emitted = 0u64;
         let drained = loop {
             match self.queue.pop() {
@@ -853,6 +885,18 @@ impl Backup {
                 Err(reason)
             }
         }
+    }
+}
+
+/// Makes the calling thread (background reader, stream writer) yield the
+/// CPU to the threads serving guest I/O: nice 10 for this thread only (Linux nice
+/// values are per thread). Best effort; failure changes nothing else.
+fn lower_thread_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch only
+    // this thread's scheduling priority.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 

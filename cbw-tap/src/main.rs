@@ -60,6 +60,10 @@ enum Cmd {
         /// Captured clusters that may wait for the consumer, e.g. 64M.
         #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = cbw_tap::size::parse_size)]
         buffer: usize,
+        /// Limit the background reader to SIZE bytes per second, e.g. 200M
+        /// (copy-before-write is never limited).
+        #[arg(long, value_name = "SIZE", value_parser = cbw_tap::size::parse_size)]
+        bwlimit: Option<usize>,
         /// How long a guest write may wait for its copy when the buffer is
         /// full; also how long the consumer may stall.
         #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
@@ -104,6 +108,7 @@ fn main() {
         Cmd::Backup {
             control,
             buffer,
+            bwlimit,
             cbw_timeout,
             on_cbw_error,
             pre,
@@ -130,6 +135,7 @@ fn main() {
                         PolicyArg::BreakSnapshot => Policy::BreakSnapshot,
                         PolicyArg::BreakGuestWrite => Policy::BreakGuestWrite,
                     },
+                    bwlimit: bwlimit.map(|b| b as u64).filter(|&b| b > 0),
                 },
                 pre,
                 post,

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vma_format::{ClusterBuf, CLUSTER_SIZE};
 
@@ -13,6 +13,10 @@ pub const ITEM_OVERHEAD: usize = 64;
 
 /// Most spare cluster buffers kept for reuse.
 const MAX_FREE: usize = 64;
+
+/// Longest a queued item waits for the consumer to be woken when the queue
+/// holds less than its wake-up threshold.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// Why a push did not happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,11 +38,17 @@ struct Inner {
 /// A FIFO of captured clusters bounded by bytes (`capacity`): a push waits
 /// while the queue holds `capacity` bytes or more — an item is always
 /// admitted into an empty queue, so any capacity makes progress.
+///
+/// The consumer is woken when the queue holds half its capacity (at most
+/// 1 MiB), or after 20 ms at the latest: a trickle of copy-before-write
+/// clusters then costs one wake-up of the stream writer (and of the
+/// processes behind it) per batch, not one per guest write.
 pub struct CaptureQueue {
     inner: Mutex<Inner>,
     not_empty: Condvar,
     not_full: Condvar,
     capacity: usize,
+    wake_bytes: usize,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -63,6 +73,7 @@ impl CaptureQueue {
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity,
+            wake_bytes: (capacity / 2).clamp(1, 1 << 20),
         }
     }
 
@@ -101,6 +112,8 @@ impl CaptureQueue {
             if inner.items.is_empty() || inner.bytes + c <= self.capacity {
                 break;
             }
+            // Full: whatever the threshold, the consumer must run now.
+            self.not_empty.notify_one();
             inner = match deadline {
                 None => self.not_full.wait(inner).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
@@ -119,8 +132,11 @@ impl CaptureQueue {
         }
         inner.bytes += c;
         inner.items.push_back(item);
+        let wake = inner.bytes >= self.wake_bytes;
         drop(inner);
-        self.not_empty.notify_one();
+        if wake {
+            self.not_empty.notify_one();
+        }
         Ok(())
     }
 
@@ -144,8 +160,9 @@ impl CaptureQueue {
             }
             inner = self
                 .not_empty
-                .wait(inner)
-                .unwrap_or_else(|e| e.into_inner());
+                .wait_timeout(inner, LINGER)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

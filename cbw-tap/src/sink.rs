@@ -24,6 +24,12 @@ pub struct FramedWriter<W: Write> {
 
 impl<W: Write> FramedWriter<W> {
     /// Frames into `inner`; bytes written are counted on `backup` if given.
+    ///
+    /// If `inner` is a socket with a send timeout, a write that times out
+    /// is retried as long as `backup` is running: a slow consumer only
+    /// slows the backup down. Once the backup is over (aborted, e.g. a
+    /// guest write's copy timed out) or without a backup, a timeout is an
+    /// error, so a stalled consumer cannot hold the writer forever.
     pub fn new(inner: W, backup: Option<Arc<Backup>>) -> FramedWriter<W> {
         FramedWriter {
             inner,
@@ -33,9 +39,32 @@ impl<W: Write> FramedWriter<W> {
 
     /// Writes the end frame and returns the inner writer.
     pub fn end(mut self) -> io::Result<W> {
-        self.inner.write_all(&0u32.to_be_bytes())?;
+        self.send_all(&0u32.to_be_bytes())?;
         self.inner.flush()?;
         Ok(self.inner)
+    }
+
+    fn send_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.inner.write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && self.on_bytes.as_ref().is_some_and(|b| !b.is_over()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the consumer stopped reading",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -45,8 +74,8 @@ impl<W: Write> Write for FramedWriter<W> {
             return Ok(0);
         }
         let n = buf.len().min(MAX_FRAME);
-        self.inner.write_all(&(n as u32).to_be_bytes())?;
-        self.inner.write_all(&buf[..n])?;
+        self.send_all(&(n as u32).to_be_bytes())?;
+        self.send_all(&buf[..n])?;
         if let Some(b) = &self.on_bytes {
             b.count_emitted_bytes(n as u64);
         }
