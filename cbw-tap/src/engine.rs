@@ -662,6 +662,18 @@ impl Backup {
     /// cluster order, then closes the queue. Returns early when the backup
     /// is aborted; a read error aborts it. Run it in its own thread.
     pub fn run_reader(&self) {
+        /// If the reader ends without closing the queue (a panic), the
+        /// writer must not wait forever: abort.
+        struct Guard<'a>(&'a Backup, bool);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0
+                        .abort("internal error: the background reader stopped");
+                }
+            }
+        }
+        let mut guard = Guard(self, false);
         lower_thread_priority();
         let start = Instant::now();
         let mut raw = vec![0u8; (READER_BATCH * CS) as usize];
@@ -727,6 +739,7 @@ impl Backup {
             }
         }
         self.queue.close();
+        guard.1 = true;
     }
 
     /// Sleeps while the reader is ahead of `--bwlimit` (bytes it read
