@@ -75,11 +75,15 @@ struct Tap {
 
 impl Tap {
     fn start(dir: &Path, exports: &[(&str, &Path)]) -> Tap {
+        Tap::start_with(dir, exports, &[])
+    }
+
+    fn start_with(dir: &Path, exports: &[(&str, &Path)], extra: &[&str]) -> Tap {
         let sock = dir.join("nbd.sock");
         let ctl = dir.join("nbd.sock.ctl");
         let log = dir.join("serve.log");
         let mut cmd = Command::new(common::bin("cbw-tap"));
-        cmd.arg("serve").arg("--socket").arg(&sock);
+        cmd.arg("serve").arg("--socket").arg(&sock).args(extra);
         for (name, path) in exports {
             let mut arg = std::ffi::OsString::from(format!("{name}="));
             arg.push(path.as_os_str());
@@ -800,7 +804,32 @@ fn real_clients_and_clean_shutdown() {
     let d = dir.path();
     let p = d.join("disk.raw");
     let data = make_image(&p, 3 << 20, &mut rng);
-    let mut tap = Tap::start(d, &[("disk", &p)]);
+    // A free TCP port on the loopback interface.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let mut tap = Tap::start_with(d, &[("disk", &p)], &["--tcp", &tcp]);
+    // Over TCP too, only because it was asked for.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd://{tcp}/disk"),
+            "-c",
+            "read -v 0 16",
+        ])
+        .output()
+        .unwrap();
+    assert_qemu_io_ok(&out, "qemu-io over TCP");
+    let first: String = data[..16].iter().map(|b| format!("{b:02x} ")).collect();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(first.trim_end()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // nbdcopy reads it back exactly; qemu-img compares equal.
     let copy = d.join("copy.raw");
     let st = Command::new("nbdcopy")
@@ -837,6 +866,56 @@ fn real_clients_and_clean_shutdown() {
     let st = tap.child.wait().unwrap();
     assert!(st.success(), "{st}");
     assert!(!tap.sock.exists() && !tap.ctl.exists());
+}
+
+#[test]
+fn hooks_run_around_the_instant_and_a_failed_pre_hook_makes_no_backup() {
+    let mut rng = Rng::new(13);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("disk.raw");
+    make_image(&p, 1 << 20, &mut rng);
+    let tap = Tap::start(d, &[("disk", &p)]);
+    let log = d.join("hooks.log");
+    let backup = |pre: &str| {
+        Command::new(common::bin("cbw-tap"))
+            .args(["backup", "--control"])
+            .arg(&tap.ctl)
+            .arg("--pre")
+            .arg(pre)
+            .arg("--post")
+            .arg(format!("echo post $CBW_TAP_HOOK >> '{}'", log.display()))
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let out = backup("echo this goes to stderr; exit 7");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty(), "no stream without the instant");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err,
+        "this goes to stderr\ncbw-tap backup: pre hook `echo this goes to stderr; exit 7` failed (exit status: 7)\n"
+    );
+    // The post hook (e.g. a thaw) ran anyway; the server is not busy.
+    assert_eq!(fs::read_to_string(&log).unwrap(), "post post\n");
+    let out = backup(&format!("echo pre $CBW_TAP_HOOK >> '{}'", log.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "post post\npre pre\npost post\n"
+    );
+    // What came out is a complete cluster stream of the disk.
+    let mut rd = vma_format::stream::StreamReader::new(&out.stdout[..]).unwrap();
+    let mut n = 0;
+    while rd.next_cluster().unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 16);
 }
 
 #[test]
