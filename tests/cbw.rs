@@ -720,6 +720,57 @@ fn closed(s: &mut UnixStream) -> bool {
 }
 
 #[test]
+fn fleecing_keeps_guest_writes_fast_and_the_backup_exact() {
+    let mut rng = Rng::new(21);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (paths, snapshot) = images(d, &mut rng, 2 << 20);
+    let tap = Tap::start(d, &[("a", &paths[0]), ("b", &paths[1]), ("c", &paths[2])]);
+    let fleece = d.join("fleece.bin");
+    let archive = d.join("vm.vma");
+    let pipe = Pipeline::start(
+        &tap,
+        &archive,
+        &["--buffer", "64K", "--fleecing", fleece.to_str().unwrap()],
+        &d.join("instant"),
+    );
+    let mut expected = snapshot.clone();
+    let mut writers = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let ops: Vec<Op> = (0..16).map(|_| Op::random(&mut rng, 2 << 20)).collect();
+        for op in &ops {
+            op.apply(&mut expected[i]);
+        }
+        let cmds: Vec<String> = ops.iter().map(Op::command).collect();
+        writers.push((name, tap.qemu_io_spawn(name, &cmds)));
+    }
+    for (name, w) in writers {
+        assert_qemu_io_ok(&w.wait_with_output().unwrap(), name);
+    }
+    let ((bst, berr), (est, eerr)) = pipe.finish();
+    assert!(bst.success() && est.success(), "{berr}\n{eerr}");
+    assert!(
+        berr.lines()
+            .any(|l| l.starts_with("cbw-tap backup: fleecing: ")),
+        "nothing went through the fleecing file:\n{berr}"
+    );
+    assert!(!fleece.exists());
+    decode(&archive, &d.join("out"));
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let r = fs::read(d.join("out").join(format!("disk-{n}.raw"))).unwrap();
+        assert!(
+            same(&r, &snapshot[i]),
+            "{n}: {}",
+            first_diff(&r, &snapshot[i])
+        );
+        assert!(
+            same(&fs::read(&paths[i]).unwrap(), &expected[i]),
+            "{n} lost a write"
+        );
+    }
+}
+
+#[test]
 fn malformed_nbd_traffic_leaves_the_server_running_and_images_intact() {
     let mut rng = Rng::new(9);
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,8 @@
 //!
 //! 1. client → server: the request,
 //!    `{"request":"backup","buffer":BYTES,"cbw_timeout":SECONDS,"policy":"break-snapshot","bwlimit":BYTES_PER_SECOND}`
-//!    (every field but `request` optional; `bwlimit` null or absent: none);
+//!    (every field but `request` optional; `bwlimit` null or absent: none;
+//!    optional `"fleecing":"/ABSOLUTE/PATH"`);
 //! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}]}`
 //!    once the instant is taken, or `{"ok":false,"error":"…"}` (e.g. a
 //!    backup is already running) and the connection ends;
@@ -76,6 +77,7 @@ pub fn request(options: &BackupOptions) -> Value {
         "cbw_timeout": options.cbw_timeout.as_secs_f64(),
         "policy": options.policy.as_str(),
         "bwlimit": options.bwlimit,
+        "fleecing": options.fleecing.as_ref().map(|p| p.to_string_lossy().into_owned()),
     })
 }
 
@@ -103,6 +105,16 @@ pub fn parse_request(v: &Value) -> Result<BackupOptions, String> {
             .as_str()
             .and_then(Policy::parse)
             .ok_or("policy must be break-snapshot or break-guest-write")?;
+    }
+    match v.get("fleecing") {
+        None | Some(Value::Null) => {}
+        Some(f) => {
+            let f = f
+                .as_str()
+                .filter(|f| f.starts_with('/'))
+                .ok_or("fleecing must be an absolute path")?;
+            o.fleecing = Some(PathBuf::from(f));
+        }
     }
     match v.get("bwlimit") {
         None | Some(Value::Null) => {}

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nbd_server::{Backend, Extent, ZeroFlags};
 use vma_format::{clusters_for, zero::pack_cluster, BlockMask, Cluster, ClusterBuf, CLUSTER_SIZE};
 
-use crate::queue::{CaptureQueue, PushError};
+use crate::queue::{CaptureQueue, PushError, Pushed};
 use crate::states::{ClusterState, ClusterStates};
 use crate::stats::{Counters, Stats};
 
@@ -103,6 +103,10 @@ pub struct BackupOptions {
     /// as the consumer takes them), so a backup leaves CPU and disk time
     /// to the guests. Copy-before-write is never limited.
     pub bwlimit: Option<u64>,
+    /// Fleecing: a file (created by the backup, mode 0600, removed at its
+    /// end; it must not exist) where copy-before-write puts old clusters
+    /// when the buffer is full, instead of making the guest wait.
+    pub fleecing: Option<std::path::PathBuf>,
 }
 
 impl Default for BackupOptions {
@@ -112,6 +116,7 @@ impl Default for BackupOptions {
             cbw_timeout: Duration::from_secs(45),
             policy: Policy::BreakSnapshot,
             bwlimit: None,
+            fleecing: None,
         }
     }
 }
@@ -221,9 +226,25 @@ impl Engine {
         if let Some(b) = busy.as_ref() {
             return Err(BeginError::Busy(b.time()));
         }
+        let fleece = match &options.fleecing {
+            None => None,
+            Some(path) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| {
+                        BeginError::Invalid(format!("fleecing file {}: {e}", path.display()))
+                    })?;
+                Some(file)
+            }
+        };
         // Allocate the states before the instant, so the gate is held for
         // as short a time as possible.
-        let mut backup = Backup::new(&self.sources, options);
+        let mut backup = Backup::new(&self.sources, options, fleece);
         let mut gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         // The instant: no guest write is in flight while we hold the gate.
         backup.time = SystemTime::now()
@@ -241,6 +262,9 @@ impl Engine {
     /// writes in flight, and frees its state. A new backup may then begin.
     pub fn end(&self, backup: &Arc<Backup>) {
         backup.set_over();
+        if let Some(path) = &backup.options.fleecing {
+            let _ = std::fs::remove_file(path);
+        }
         {
             let mut gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
             if gate.as_ref().is_some_and(|b| Arc::ptr_eq(b, backup)) {
@@ -349,7 +373,7 @@ impl std::fmt::Debug for Backup {
 enum CopyFailure {
     Timeout,
     Closed,
-    Read(String),
+    Io(String),
 }
 
 thread_local! {
@@ -358,7 +382,7 @@ thread_local! {
 }
 
 impl Backup {
-    fn new(sources: &[Source], options: BackupOptions) -> Backup {
+    fn new(sources: &[Source], options: BackupOptions, fleece: Option<std::fs::File>) -> Backup {
         let exports: Vec<ExportCopy> = sources
             .iter()
             .map(|s| {
@@ -376,7 +400,7 @@ impl Backup {
             .collect();
         Backup {
             time: 0,
-            queue: CaptureQueue::new(options.buffer),
+            queue: CaptureQueue::new(options.buffer, fleece),
             counters: Counters::new(exports.len()),
             exports,
             options,
@@ -563,19 +587,32 @@ impl Backup {
                 match self.read_cluster(index, c) {
                     Ok(item) => item,
                     Err(e) => {
-                        result = Err(CopyFailure::Read(e));
+                        result = Err(CopyFailure::Io(e));
                         break;
                     }
                 }
             };
-            match self.queue.push(item, Some(deadline)) {
-                Ok(()) => {}
+            let len = item.data.len() as u64;
+            match self.queue.push(item, Some(deadline), true) {
+                Ok(Pushed::Memory) => {}
+                Ok(Pushed::Spilled) => {
+                    self.counters
+                        .spilled_clusters
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .spilled_bytes
+                        .fetch_add(len, Ordering::Relaxed);
+                }
                 Err(PushError::Timeout) => {
                     result = Err(CopyFailure::Timeout);
                     break;
                 }
                 Err(PushError::Closed) => {
                     result = Err(CopyFailure::Closed);
+                    break;
+                }
+                Err(PushError::Spill(e)) => {
+                    result = Err(CopyFailure::Io(e));
                     break;
                 }
             }
@@ -629,7 +666,7 @@ impl Backup {
                 ex.name,
                 self.options.cbw_timeout.as_secs_f64()
             )),
-            CopyFailure::Read(e) => Some(format!("copy-before-write failed: {e}")),
+            CopyFailure::Io(e) => Some(format!("copy-before-write failed: {e}")),
         };
         let Some(message) = message.filter(|_| !self.is_over()) else {
             // The backup is over: nothing left to protect.
@@ -832,7 +869,7 @@ impl Backup {
             ClusterState::Copied,
         );
         for item in items {
-            if self.queue.push(item, None).is_err() {
+            if self.queue.push(item, None, false).is_err() {
                 return Err(());
             }
             self.counters
@@ -855,7 +892,8 @@ impl Backup {
         let mut emitted = 0u64;
         let drained = loop {
             match self.queue.pop() {
-                Some(item) => {
+                Some(Err(e)) => break Err(e),
+                Some(Ok(item)) => {
                     if let Err(e) = sink.cluster(&item.as_cluster()) {
                         break Err(format!("writing the cluster stream failed: {e}"));
                     }

@@ -64,6 +64,11 @@ enum Cmd {
         /// (copy-before-write is never limited).
         #[arg(long, value_name = "SIZE", value_parser = cbw_tap::size::parse_size)]
         bwlimit: Option<usize>,
+        /// Fleecing: when the buffer is full, copy-before-write puts old
+        /// clusters into FILE (created, mode 0600, removed at the end; must
+        /// not exist) instead of making the guest wait.
+        #[arg(long, value_name = "FILE")]
+        fleecing: Option<PathBuf>,
         /// How long a guest write may wait for its copy when the buffer is
         /// full; also how long the consumer may stall.
         #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
@@ -109,6 +114,7 @@ fn main() {
             control,
             buffer,
             bwlimit,
+            fleecing,
             cbw_timeout,
             on_cbw_error,
             pre,
@@ -136,6 +142,14 @@ fn main() {
                         PolicyArg::BreakGuestWrite => Policy::BreakGuestWrite,
                     },
                     bwlimit: bwlimit.map(|b| b as u64).filter(|&b| b > 0),
+                    fleecing: match fleecing.map(|f| std::path::absolute(&f)) {
+                        None => None,
+                        Some(Ok(f)) => Some(f),
+                        Some(Err(e)) => {
+                            eprintln!("cbw-tap backup: --fleecing: {e}");
+                            std::process::exit(exit::USAGE);
+                        }
+                    },
                 },
                 pre,
                 post,

@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     pub total_delay_ns: AtomicU64,
     pub guest_writes_failed: AtomicU64,
     pub snapshot_breaks: AtomicU64,
+    pub spilled_clusters: AtomicU64,
+    pub spilled_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -39,6 +41,8 @@ impl Counters {
             total_delay_ns: AtomicU64::new(0),
             guest_writes_failed: AtomicU64::new(0),
             snapshot_breaks: AtomicU64::new(0),
+            spilled_clusters: AtomicU64::new(0),
+            spilled_bytes: AtomicU64::new(0),
         }
     }
 
@@ -69,6 +73,8 @@ impl Counters {
             total_delay: Duration::from_nanos(get(&self.total_delay_ns)),
             guest_writes_failed: get(&self.guest_writes_failed),
             snapshot_breaks: get(&self.snapshot_breaks),
+            spilled_clusters: get(&self.spilled_clusters),
+            spilled_bytes: get(&self.spilled_bytes),
             elapsed,
         }
     }
@@ -104,6 +110,10 @@ pub struct Stats {
     pub guest_writes_failed: u64,
     /// Copy failures that aborted the backup (break-snapshot).
     pub snapshot_breaks: u64,
+    /// Clusters copy-before-write put into the fleecing file.
+    pub spilled_clusters: u64,
+    /// Their data bytes.
+    pub spilled_bytes: u64,
     /// Time from the instant to now (or to the end).
     pub elapsed: Duration,
 }
@@ -127,6 +137,8 @@ impl Stats {
             "total_delay_seconds": self.total_delay.as_secs_f64(),
             "guest_writes_failed": self.guest_writes_failed,
             "snapshot_breaks": self.snapshot_breaks,
+            "spilled_clusters": self.spilled_clusters,
+            "spilled_bytes": self.spilled_bytes,
             "elapsed_seconds": self.elapsed.as_secs_f64(),
         })
     }
@@ -172,6 +184,8 @@ impl Stats {
             total_delay: d("total_delay_seconds"),
             guest_writes_failed: n("guest_writes_failed"),
             snapshot_breaks: n("snapshot_breaks"),
+            spilled_clusters: n("spilled_clusters"),
+            spilled_bytes: n("spilled_bytes"),
             elapsed: d("elapsed_seconds"),
         }
     }
@@ -194,6 +208,13 @@ impl fmt::Display for Stats {
             writeln!(f, "read from {name}: {bytes} bytes")?;
         }
         writeln!(f, "stream: {} bytes emitted", self.bytes_emitted)?;
+        if self.spilled_clusters > 0 {
+            writeln!(
+                f,
+                "fleecing: {} clusters ({} bytes) went through the fleecing file",
+                self.spilled_clusters, self.spilled_bytes
+            )?;
+        }
         write!(
             f,
             "guest writes delayed: {}, longest delay {:.3} ms, failed: {}; time {:.3} s",

@@ -280,6 +280,7 @@ fn run_random(seed: u64) -> cbw_tap::Stats {
         cbw_timeout: Duration::from_secs(30),
         policy: Policy::BreakSnapshot,
         bwlimit: None,
+        fleecing: None,
     };
     let backup = engine.begin(options).unwrap();
     let sink = MemorySink::default();
@@ -400,6 +401,7 @@ fn stalled(
             cbw_timeout: Duration::from_millis(200),
             policy,
             bwlimit: None,
+            fleecing: None,
         })
         .unwrap();
     let sink = MemorySink::default();
@@ -536,4 +538,68 @@ fn stream_sink_output_reads_back() {
         "{err}"
     );
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn fleecing_spills_instead_of_stalling_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    make_image(&img, 8 * CS, &mut Rng::new(17), 6..7);
+    let before = fs::read(&img).unwrap();
+    let fleece = dir.path().join("fleece");
+    let engine = Engine::new(vec![("a".into(), open(&img))]);
+    let backup = engine
+        .begin(BackupOptions {
+            buffer: cbw_tap::MIN_BUFFER,
+            cbw_timeout: Duration::from_millis(200),
+            policy: Policy::BreakSnapshot,
+            bwlimit: None,
+            fleecing: Some(fleece.clone()),
+        })
+        .unwrap();
+    assert!(fleece.exists());
+    let sink = MemorySink::default();
+    sink.stall(true);
+    let b2 = Arc::clone(&backup);
+    let s2 = sink.clone();
+    let writer = thread::spawn(move || b2.run_writer(s2));
+    let disk = engine.backend(0);
+    let t0 = Instant::now();
+    for c in 0..8 {
+        disk.write_at(&[0x77; 5000], c * CS + 100, false).unwrap();
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "the guest waited"
+    );
+    let s = backup.stats();
+    assert!(!backup.is_over());
+    assert_eq!(s.cbw_clusters, 8);
+    assert!(s.spilled_clusters >= 5, "{s:?}");
+    assert_eq!(s.cbw_hole_clusters, 1);
+    sink.stall(false);
+    let b3 = Arc::clone(&backup);
+    thread::spawn(move || b3.run_reader()).join().unwrap();
+    writer.join().unwrap().unwrap();
+    engine.end(&backup);
+    assert!(!fleece.exists(), "the fleecing file is removed at the end");
+    assert!(sink.state().finished);
+    assert_eq!(rebuild(&sink.state().clusters, &[8 * CS])[0], before);
+
+    // A fleecing path that exists is refused.
+    fs::write(&fleece, b"x").unwrap();
+    let err = engine
+        .begin(BackupOptions {
+            fleecing: Some(fleece.clone()),
+            ..BackupOptions::default()
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fleecing file {}: File exists (os error 17)",
+            fleece.display()
+        )
+    );
+    assert!(engine.current().is_none());
 }
