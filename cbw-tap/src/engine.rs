@@ -25,7 +25,7 @@
 //! not-copied clusters it touches, reads each one (one read per cluster, or
 //! none if `SEEK_DATA`/`SEEK_HOLE` show it is a hole), queues it, marks it
 //! copied, waits for the clusters others are copying, and only then writes.
-//! The background reader claims runs of up to 16 clusters, reads each data
+//! The background reader claims runs of up to 4 clusters, reads each data
 //! run with one read, marks them copied and queues them. A cluster is thus
 //! captured before any write that the gate lets in after the instant, and
 //! exactly once.
@@ -52,8 +52,10 @@ use crate::stats::{Counters, Stats};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
-/// Clusters the background reader claims and reads at once (1 MiB).
-pub const READER_BATCH: u64 = 16;
+/// Clusters the background reader claims and reads at once (256 KiB): few
+/// enough that a guest write waiting for one of them (the reader runs at
+/// nice 10 and may be preempted while it holds them) waits briefly.
+pub const READER_BATCH: u64 = 4;
 
 /// Smallest `--buffer`: one full cluster (a cluster is always admitted into
 /// an empty queue, so this is enough to make progress).
