@@ -31,6 +31,7 @@ fn every_example_is_tested() {
         .filter(|n| n.ends_with(".sh"))
         .collect();
     names.sort();
+    // demo.sh runs below; live-backup.sh runs in tests/cbw.rs (example_live_backup).
     let tested = ["demo.sh", "live-backup.sh"];
     for n in &names {
         assert!(
