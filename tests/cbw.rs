@@ -1040,19 +1040,5 @@ fn command_line_errors() {
 
 #[test]
 fn example_live_backup() {
-    let bin_dir = common::bin("cbw-tap").parent().unwrap().to_path_buf();
-    let work = tempfile::tempdir().unwrap();
-    let out = Command::new("bash")
-        .arg(common::root().join("examples/live-backup.sh"))
-        .arg(work.path())
-        .env("VMA_BIN", &bin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "examples/live-backup.sh failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_example("live-backup.sh");
 }

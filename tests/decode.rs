@@ -6,9 +6,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::{bin, fixtures, sha256_file};
 use vma_format::{HeaderBuilder, Writer, WriterOptions};
@@ -88,22 +87,9 @@ fn decode(args: &[&str]) -> Output {
 }
 
 fn decode_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(bin("vma-decode"))
-        .env("TZ", "UTC")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    out
+    let mut cmd = Command::new(bin("vma-decode"));
+    cmd.env("TZ", "UTC").args(args);
+    common::output_with_stdin(cmd, input)
 }
 
 fn stderr(o: &Output) -> String {

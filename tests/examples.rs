@@ -3,26 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
-fn run_example(name: &str) {
-    let bin_dir = common::bin("vma-decode").parent().unwrap().to_path_buf();
-    let work = tempfile::tempdir().unwrap();
-    let out = Command::new("bash")
-        .arg(common::root().join("examples").join(name))
-        .arg(work.path())
-        .env("VMA_BIN", &bin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "examples/{name} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn every_example_is_tested() {
     let mut names: Vec<String> = std::fs::read_dir(common::root().join("examples"))
@@ -43,5 +23,5 @@ fn every_example_is_tested() {
 
 #[test]
 fn demo() {
-    run_example("demo.sh");
+    common::run_example("demo.sh");
 }

@@ -7,9 +7,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::{bin, fixtures};
 use vma_format::{HeaderBuilder, Writer, WriterOptions};
@@ -19,22 +19,9 @@ fn verify(args: &[&str]) -> Output {
 }
 
 fn verify_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(bin("vma-verify"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // A writer thread: the tool may stop reading early (a damaged archive).
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
+    let mut cmd = Command::new(bin("vma-verify"));
+    cmd.args(args);
+    common::output_with_stdin(cmd, input)
 }
 
 fn text(b: &[u8]) -> String {

@@ -71,3 +71,45 @@ pub fn sha256_file(path: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Runs `cmd` with `input` on its standard input and collects its output.
+/// The input is fed from a thread, since a tool may stop reading early (a
+/// damaged archive, a listing that needs only the header).
+pub fn output_with_stdin(mut cmd: Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
+
+/// Runs `examples/NAME WORKDIR` with the binaries of this test build
+/// (`VMA_BIN`); panics with its output if it fails.
+pub fn run_example(name: &str) {
+    let bin_dir = bin("vma-decode").parent().unwrap().to_path_buf();
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(root().join("examples").join(name))
+        .arg(work.path())
+        .env("VMA_BIN", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "examples/{name} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
