@@ -224,19 +224,25 @@ struct Pipeline {
     slow: Arc<AtomicBool>,
 }
 
+/// Starts `cbw-tap backup` with `args`; its `--post` hook touches
+/// `instant`, so the caller can tell when the backup instant has passed.
+fn spawn_backup(tap: &Tap, args: &[&str], instant: &Path) -> Child {
+    Command::new(common::bin("cbw-tap"))
+        .arg("backup")
+        .arg("--control")
+        .arg(&tap.ctl)
+        .args(args)
+        .arg("--post")
+        .arg(format!("touch '{}'", instant.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 impl Pipeline {
     fn start(tap: &Tap, archive: &Path, args: &[&str], instant: &Path) -> Pipeline {
-        let mut backup = Command::new(common::bin("cbw-tap"))
-            .arg("backup")
-            .arg("--control")
-            .arg(&tap.ctl)
-            .args(args)
-            .arg("--post")
-            .arg(format!("touch '{}'", instant.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut backup = spawn_backup(tap, args, instant);
         let mut encode = Command::new(common::bin("vma-encode"))
             .arg("-o")
             .arg(archive)
@@ -434,17 +440,7 @@ fn live_backup_during_random_writes_is_the_instant() {
 /// Stalls a backup: vma-encode's output is a pipe nobody reads, so
 /// everything behind it fills up. Returns (backup, vma-encode).
 fn stalled_backup(tap: &Tap, args: &[&str], instant: &Path) -> (Child, Child) {
-    let mut backup = Command::new(common::bin("cbw-tap"))
-        .arg("backup")
-        .arg("--control")
-        .arg(&tap.ctl)
-        .args(args)
-        .arg("--post")
-        .arg(format!("touch '{}'", instant.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut backup = spawn_backup(tap, args, instant);
     let encode = Command::new(common::bin("vma-encode"))
         .arg("-")
         .stdin(Stdio::from(backup.stdout.take().unwrap()))
