@@ -366,7 +366,9 @@ impl<R: Read> Archive<R> {
                 "slot {i}: device {dev_id} is not declared in the header"
             ));
         };
-        let name = self.device_name(dev_id);
+        // Only a problem needs the name: building it is an allocation and a
+        // search, and this runs for every cluster.
+        let name = || self.device_name(dev_id);
         let n = cluster_num as u64;
         if dev.vmstate {
             let expected = vmstate_next.unwrap_or(dev.vmstate_next);
@@ -377,7 +379,8 @@ impl<R: Read> Archive<R> {
             };
             if !accept {
                 return Err(format!(
-                    "slot {i}: {name} cluster {n} out of order (expected {expected})"
+                    "slot {i}: {} cluster {n} out of order (expected {expected})",
+                    name()
                 ));
             }
             *vmstate_next = Some(n + 1);
@@ -385,14 +388,16 @@ impl<R: Read> Archive<R> {
         }
         if n >= dev.clusters {
             return Err(format!(
-                "slot {i}: cluster {n} is past the end of {name} ({} clusters)",
+                "slot {i}: cluster {n} is past the end of {} ({} clusters)",
+                name(),
                 dev.clusters
             ));
         }
         let allowed = BlockMask::in_device(n, dev.size);
         if mask.0 & !allowed.0 != 0 {
             return Err(format!(
-                "slot {i}: cluster {n} of {name} stores blocks past the device end (mask {:#06x})",
+                "slot {i}: cluster {n} of {} stores blocks past the device end (mask {:#06x})",
+                name(),
                 mask.0
             ));
         }
@@ -400,7 +405,7 @@ impl<R: Read> Archive<R> {
             .iter()
             .any(|s| s.dev_id == dev_id && s.cluster_num == cluster_num);
         if earlier || dev.seen.contains(n) {
-            return Err(format!("slot {i}: cluster {n} of {name} appears twice"));
+            return Err(format!("slot {i}: cluster {n} of {} appears twice", name()));
         }
         Ok(())
     }
