@@ -12,8 +12,10 @@
 //! | 4 | partial result: salvage extracted what it could, something is missing |
 
 pub mod cfmt;
+pub mod decompress;
 pub mod input;
 pub mod listing;
+pub mod lzop;
 pub mod progress;
 
 use vma_format::{Error, ErrorClass};
@@ -36,12 +38,34 @@ pub mod exit {
 pub const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 archive damaged or invalid, 2 usage, \
 3 I/O or environment error, 4 partial result (salvage).";
 
-/// The exit code for an error of `vma-format`.
+/// The exit code for an error of `vma-format`. A compressed input that
+/// could not be decoded is damage (exit 1), though the reader saw it as a
+/// failed read.
 pub fn exit_code(err: &Error) -> i32 {
+    if decompress_error(err).is_some() {
+        return exit::DAMAGED;
+    }
     match err.class() {
         ErrorClass::Damaged => exit::DAMAGED,
         ErrorClass::Invalid => exit::USAGE,
         ErrorClass::Io => exit::IO,
+    }
+}
+
+/// The decoding failure of a compressed input behind `err`, if that is
+/// what it is.
+pub fn decompress_error(err: &Error) -> Option<&decompress::DecompressError> {
+    err.io_error().and_then(decompress::decompress_error)
+}
+
+/// What to say about `err` after the input's name: the error with its
+/// location, or for a compressed input that could not be decoded, that
+/// (`zstd: compressed data is truncated (…)`): the location in the
+/// decompressed bytes would only mislead.
+pub fn describe(err: &Error) -> String {
+    match decompress_error(err) {
+        Some(d) => d.to_string(),
+        None => err.to_string(),
     }
 }
 
@@ -70,9 +94,9 @@ impl Failure {
         }
     }
 
-    /// A `vma-format` error about `input`.
+    /// A `vma-format` error about `input` (see [`describe`]).
     pub fn format(input: &str, err: &Error) -> Failure {
-        Failure::new(exit_code(err), format!("{input}: {err}"))
+        Failure::new(exit_code(err), format!("{input}: {}", describe(err)))
     }
 
     /// An I/O error about `what` (a path, or a description).

@@ -355,7 +355,12 @@ pub fn verify_reader<R: Read>(name: &str, input: R) -> ArchiveReport {
     let mut archive = match Archive::new(input) {
         Ok(archive) => archive,
         Err(e) => {
-            return ArchiveReport::failed(name, status_of(&e), e.to_string(), offset_of(&e, 0));
+            return ArchiveReport::failed(
+                name,
+                status_of(&e),
+                vma_cli::describe(&e),
+                offset_of(&e, 0),
+            );
         }
     };
     let header = archive.header().clone();
@@ -408,7 +413,7 @@ pub fn verify_reader<R: Read>(name: &str, input: R) -> ArchiveReport {
                 report.extents = Some(index);
             }
             report.error = Some(ErrorReport {
-                message: e.to_string(),
+                message: vma_cli::describe(&e),
                 offset: offset_of(&e, archive.position()),
             });
         }
@@ -416,8 +421,12 @@ pub fn verify_reader<R: Read>(name: &str, input: R) -> ArchiveReport {
     report
 }
 
-/// Damage (and invalid input) is exit 1; I/O is exit 3.
+/// Damage (and invalid input, and a compressed input that cannot be
+/// decoded) is exit 1; I/O is exit 3.
 fn status_of(e: &Error) -> Status {
+    if vma_cli::decompress_error(e).is_some() {
+        return Status::Damaged;
+    }
     match e.class() {
         ErrorClass::Damaged | ErrorClass::Invalid => Status::Damaged,
         ErrorClass::Io => Status::Error,
