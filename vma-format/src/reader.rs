@@ -135,6 +135,8 @@ struct DeviceState {
     vmstate: bool,
     seen: ClusterBitmap,
     vmstate_next: u64,
+    /// Neither duplicates nor completeness checked (see [`Archive::unchecked_device`]).
+    unchecked: bool,
 }
 
 /// A VMA archive being read from `R`.
@@ -182,6 +184,7 @@ impl<R: Read> Archive<R> {
                 vmstate: d.is_vmstate(),
                 seen: ClusterBitmap::new(if d.is_vmstate() { 0 } else { d.clusters() }),
                 vmstate_next: 0,
+                unchecked: false,
             });
         }
         Ok(Archive {
@@ -203,6 +206,18 @@ impl<R: Read> Archive<R> {
     /// Bytes consumed so far.
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    /// Reads device `dev_id` as Proxmox reads a device it skips: its
+    /// clusters are still checked against the header (declared, inside the
+    /// device, in order for `vmstate`) and delivered, but not checked for
+    /// duplicates, nor required complete at the end, and nothing is
+    /// remembered of them. For a restore that leaves the device out
+    /// (`skip=` in a restore map). An undeclared id is ignored.
+    pub fn unchecked_device(&mut self, dev_id: u8) {
+        if let Some(dev) = &mut self.devices[dev_id as usize] {
+            dev.unchecked = true;
+        }
     }
 
     /// The input back.
@@ -404,7 +419,7 @@ impl<R: Read> Archive<R> {
         let earlier = extent.slots()[..i]
             .iter()
             .any(|s| s.dev_id == dev_id && s.cluster_num == cluster_num);
-        if earlier || dev.seen.contains(n) {
+        if !dev.unchecked && (earlier || dev.seen.contains(n)) {
             return Err(format!("slot {i}: cluster {n} of {} appears twice", name()));
         }
         Ok(())
@@ -443,7 +458,7 @@ impl<R: Read> Archive<R> {
                     .expect("checked");
                 if dev.vmstate {
                     dev.vmstate_next = slot.cluster_num as u64 + 1;
-                } else {
+                } else if !dev.unchecked {
                     dev.seen.insert(slot.cluster_num as u64);
                 }
                 let cluster = Cluster {
@@ -467,7 +482,7 @@ impl<R: Read> Archive<R> {
     fn check_complete(&self, summary: &mut Summary) -> Result<(), Error> {
         for d in self.header.devices() {
             let dev = self.devices[d.id as usize].as_ref().expect("declared");
-            if dev.vmstate || dev.seen.missing_count() == 0 {
+            if dev.vmstate || dev.unchecked || dev.seen.missing_count() == 0 {
                 continue;
             }
             let count = dev.seen.missing_count();
