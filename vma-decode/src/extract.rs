@@ -1,44 +1,68 @@
-//! Extracting an archive: the image-file sink and the steps around it.
+//! Extracting an archive: into a directory of images, or with a restore map
+//! onto target files and block devices.
 //!
-//! Output, as Proxmox's `vma extract` names it: `DIR/disk-<devname>.raw` per
-//! device (exactly the size the header records; zero blocks left as holes),
-//! `DIR/vmstate.bin` for a `vmstate` device, and each config file under its
-//! name. Images are written as `tmp-disk-<devname>.raw` (`tmp-vmstate.bin`)
-//! and renamed only once the whole archive has been read and checked; config
-//! files are written only then. On failure the temporary images are removed,
-//! so a failed extract never leaves a file that looks complete. A salvage
-//! extract keeps what it could recover under the final names, writes
-//! `salvage-report.txt` and reports partial success.
+//! Into a directory (`extract ARCHIVE DIR`), named as Proxmox's
+//! `vma extract` names it: `DIR/disk-<devname>.raw` per device (exactly the
+//! size the header records; zero blocks left as holes), `DIR/vmstate.bin`
+//! for a `vmstate` device, and each config file under its name. Everything
+//! is written under temporary names and renamed only once the whole archive
+//! has been read and checked and every image and config is complete and
+//! fsynced; on any failure every temporary file is removed, so a failed
+//! extract never leaves a file that looks complete. Files are created
+//! relative to the directory's descriptor, never through a symlink (see
+//! [`crate::outdir`]). A salvage extract keeps what it could recover under
+//! the final names, writes `salvage-report.txt` and reports partial success.
+//!
+//! With a restore map (`extract -r MAPFILE ARCHIVE DIR`), as Proxmox's
+//! `qmrestore` drives `vma extract`: the config files are written into DIR
+//! (and placed under their final names: qmrestore reads `qemu-server.conf`
+//! from there), the listing (`CFG:`, `DEV:`, `CTIME:` lines) is printed and
+//! flushed, then the map is read from MAPFILE (a FIFO) up to its `done`
+//! line ([`crate::restore_map`]). Every device selected must be mapped, to
+//! a target or `skip=`; every target is opened and its size checked before
+//! the first byte is written. Targets are written in place (no temporary
+//! name, no truncation); `vmstate` still goes to `DIR/vmstate.bin`.
 //!
 //! Differences from Proxmox, on purpose: names from the archive must be safe
 //! file names (Proxmox builds paths from them unchecked); the `vmstate`
 //! device is written in place (Proxmox drops its zero blocks and shifts the
 //! data after them, which corrupts the state); images are fsynced before
-//! they are renamed.
+//! they are renamed; an existing empty directory is accepted (Proxmox
+//! insists on creating it); `-d` names a device that must exist.
 
-use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use vma_cli::progress::ProxmoxProgress;
-use vma_cli::{exit, Failure};
+use vma_cli::{exit, listing, Failure};
 use vma_format::names::check_file_name;
 use vma_format::reader::MissingClusters;
-use vma_format::{Archive, Cluster, ClusterSink, Flow, Summary, VmaHeader, BLOCK_SIZE};
+use vma_format::{Archive, Cluster, ClusterSink, Flow, Summary, VmaHeader};
+
+use crate::outdir::{temp_name, OutputDir, Staging, NAME_MAX};
+use crate::restore_map::{self, Mapping, TargetSpec};
+use crate::target::{Target, Throttle};
 
 /// What to extract and how.
 #[derive(Clone, Debug, Default)]
 pub struct ExtractOptions {
     /// Only these devices (by name); all when `None`.
     pub devices: Option<Vec<String>>,
-    /// Write into an existing non-empty directory.
+    /// Write into an existing non-empty directory, replacing files of the
+    /// same names.
     pub force: bool,
     /// Print Proxmox-style progress and closing statistics.
     pub verbose: bool,
     /// Recover what a damaged archive still holds (see [`vma_format::ReadOptions`]).
     pub salvage: bool,
+    /// Restore onto the targets a restore map names (read from this path,
+    /// usually a FIFO), as `qmrestore` drives it.
+    pub map: Option<PathBuf>,
 }
 
 /// What an extract produced.
@@ -46,8 +70,10 @@ pub struct ExtractOptions {
 pub struct ExtractReport {
     /// What the reader found.
     pub summary: Summary,
-    /// The files written (final names).
+    /// The files written into the directory (final names).
     pub files: Vec<PathBuf>,
+    /// The targets of a restore map that were written.
+    pub targets: Vec<PathBuf>,
 }
 
 impl ExtractReport {
@@ -57,17 +83,7 @@ impl ExtractReport {
     }
 }
 
-/// One device's output file.
-struct Target {
-    file: File,
-    tmp: PathBuf,
-    path: PathBuf,
-    size: u64,
-    vmstate: bool,
-    end: u64,
-}
-
-/// The sink that writes clusters into the device files.
+/// The sink that writes clusters into the device targets.
 struct ImageSink<'a> {
     targets: Vec<Option<Target>>,
     progress: Option<(ProxmoxProgress, &'a mut dyn Write)>,
@@ -78,43 +94,56 @@ impl ClusterSink for ImageSink<'_> {
         if let Some((progress, out)) = &mut self.progress {
             progress.cluster(c, &mut **out)?;
         }
-        let Some(t) = &mut self.targets[c.dev_id as usize] else {
-            return Ok(Flow::Continue);
-        };
-        for (block, bytes) in c.runs() {
-            let offset = c.offset() + (block * BLOCK_SIZE) as u64;
-            // The reader guarantees no block of a disk starts past its end;
-            // the last block may straddle it, so clip. The vmstate size does
-            // not bind its clusters: clip at it only a block that straddles it.
-            let len = if offset < t.size {
-                (t.size - offset).min(bytes.len() as u64)
-            } else {
-                bytes.len() as u64
-            };
-            t.file
-                .write_all_at(&bytes[..len as usize], offset)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", t.tmp.display())))?;
-            t.end = t.end.max(offset + len);
+        if let Some(t) = &mut self.targets[c.dev_id as usize] {
+            t.cluster(c)?;
         }
         Ok(Flow::Continue)
     }
 }
 
+/// A device to extract, with the names it gets.
+struct PlannedDevice {
+    id: u8,
+    name: String,
+    /// Final file name in the directory (`disk-NAME.raw`, `vmstate.bin`).
+    file: String,
+    tmp: String,
+    size: u64,
+    vmstate: bool,
+}
+
+/// A config file to write.
+struct PlannedConfig {
+    name: String,
+    tmp: String,
+    data: Vec<u8>,
+}
+
 /// The file name each config and device gets, after checking every name.
 struct Plan {
-    configs: Vec<(String, Vec<u8>)>,
-    devices: Vec<(u8, String, u64, bool)>,
+    configs: Vec<PlannedConfig>,
+    devices: Vec<PlannedDevice>,
+    salvage_tmp: String,
 }
 
 fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, Failure> {
     let bad = |what: String, why: String| {
         Failure::new(exit::DAMAGED, format!("{input}: header: {what}: {why}"))
     };
+    let too_long = |what: String, file: &str| {
+        Failure::new(
+            exit::IO,
+            format!(
+                "{input}: header: {what}: output file name {file:?} is longer than {NAME_MAX} bytes"
+            ),
+        )
+    };
     let mut used = BTreeSet::new();
+    let salvage_tmp = temp_name(SALVAGE_REPORT, String::new);
     if opts.salvage {
         used.insert(SALVAGE_REPORT.to_string());
+        used.insert(salvage_tmp.clone());
     }
-    let mut devices = Vec::new();
     if let Some(wanted) = &opts.devices {
         for name in wanted {
             if !header
@@ -129,8 +158,10 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
             }
         }
     }
+    let mut devices = Vec::new();
     for d in header.devices() {
-        let name = check_file_name(&d.name).map_err(|why| bad(format!("device {}", d.id), why))?;
+        let what = || format!("device {}", d.id);
+        let name = check_file_name(&d.name).map_err(|why| bad(what(), why))?;
         let vmstate = d.is_vmstate();
         if !vmstate
             && opts
@@ -145,141 +176,336 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
         } else {
             format!("disk-{name}.raw")
         };
-        if !used.insert(file.clone()) || !used.insert(format!("tmp-{file}")) {
+        if file.len() > NAME_MAX {
+            return Err(too_long(what(), &file));
+        }
+        let tmp = temp_name(&file, || format!("tmp-dev{}.raw", d.id));
+        if !used.insert(file.clone()) || !used.insert(tmp.clone()) {
             return Err(bad(
-                format!("device {}", d.id),
+                what(),
                 format!("output file {file} would be written twice"),
             ));
         }
-        devices.push((d.id, file, d.size, vmstate));
+        devices.push(PlannedDevice {
+            id: d.id,
+            name: name.to_string(),
+            file,
+            tmp,
+            size: d.size,
+            vmstate,
+        });
     }
     let mut configs = Vec::new();
     for c in header.configs() {
-        let name =
-            check_file_name(&c.name).map_err(|why| bad(format!("config {}", c.slot), why))?;
-        if !used.insert(name.to_string()) {
+        let what = || format!("config {}", c.slot);
+        let name = check_file_name(&c.name).map_err(|why| bad(what(), why))?;
+        if name.len() > NAME_MAX {
+            return Err(too_long(what(), name));
+        }
+        let tmp = temp_name(name, || format!("tmp-config{}", c.slot));
+        if !used.insert(name.to_string()) || !used.insert(tmp.clone()) {
             return Err(bad(
-                format!("config {}", c.slot),
+                what(),
                 format!("output file {name} would be written twice"),
             ));
         }
-        configs.push((name.to_string(), c.data.clone()));
+        configs.push(PlannedConfig {
+            name: name.to_string(),
+            tmp,
+            data: c.data.clone(),
+        });
     }
-    Ok(Plan { configs, devices })
+    Ok(Plan {
+        configs,
+        devices,
+        salvage_tmp,
+    })
 }
 
 /// Name of the report a salvage extract writes into the output directory.
 pub const SALVAGE_REPORT: &str = "salvage-report.txt";
 
 /// Extracts `archive` (named `input` in messages) into `dir`, writing
-/// Proxmox's `DEVINFO` lines (and with `verbose` its progress lines) to `out`.
+/// Proxmox's `DEVINFO` lines (and with `verbose` its progress lines) to
+/// `out`; with [`ExtractOptions::map`], restores onto the map's targets.
 pub fn extract<R: Read>(
-    mut archive: Archive<R>,
+    archive: Archive<R>,
     input: &str,
     dir: &Path,
     opts: &ExtractOptions,
     out: &mut dyn Write,
 ) -> Result<ExtractReport, Failure> {
     let plan = plan(archive.header(), input, opts)?;
-    prepare_dir(dir, opts.force)?;
+    if let Some(map) = &opts.map {
+        if opts.salvage {
+            return Err(Failure::new(
+                exit::USAGE,
+                "--salvage cannot be combined with a restore map (-r)",
+            ));
+        }
+        return restore(archive, input, dir, map, plan, opts, out);
+    }
+    let outdir = OutputDir::prepare(dir, opts.force)?;
+    let mut staging = Staging::new(&outdir, opts.force);
     let stdout_err = |e: io::Error| Failure::io("stdout", &e);
 
     let mut targets: Vec<Option<Target>> = (0..256).map(|_| None).collect();
-    let mut cleanup = Cleanup(Vec::new());
-    for (id, file, size, vmstate) in &plan.devices {
-        let path = dir.join(file);
-        let tmp = dir.join(format!("tmp-{file}"));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Failure::io(&tmp.display().to_string(), &e))?;
-        cleanup.0.push(tmp.clone());
-        f.set_len(*size)
-            .map_err(|e| Failure::io(&tmp.display().to_string(), &e))?;
-        if !vmstate {
-            writeln!(out, "DEVINFO {} {size}", tmp.display()).map_err(stdout_err)?;
+    for d in &plan.devices {
+        let f = staging.create(&d.tmp, &d.file)?;
+        let shown = outdir.show(&d.tmp);
+        f.set_len(d.size).map_err(|e| Failure::io(&shown, &e))?;
+        if !d.vmstate {
+            // Proxmox's line, its path as Proxmox builds it: DIR/NAME.
+            writeln!(out, "DEVINFO {}/{} {}", dir.display(), d.tmp, d.size).map_err(stdout_err)?;
         }
-        targets[*id as usize] = Some(Target {
-            file: f,
-            tmp,
-            path,
-            size: *size,
-            vmstate: *vmstate,
-            end: 0,
-        });
+        targets[d.id as usize] = Some(Target::new(f, shown, d.size, d.vmstate));
     }
+    let summary = run(archive, input, targets, opts.verbose, out, |targets| {
+        for t in targets.iter_mut().flatten() {
+            if t.end > t.size() {
+                // vmstate only: its clusters may run past its size.
+                t.file()
+                    .set_len(t.end)
+                    .map_err(|e| Failure::io(&t.shown, &e))?;
+            }
+            t.file().sync_all().map_err(|e| Failure::io(&t.shown, &e))?;
+        }
+        Ok(())
+    })?;
 
-    let progress = opts.verbose.then(|| ProxmoxProgress::new(archive.header()));
+    for c in &plan.configs {
+        staging.write(&c.tmp, &c.name, &c.data)?;
+    }
+    if opts.salvage && !summary.is_complete() {
+        staging.write(
+            &plan.salvage_tmp,
+            SALVAGE_REPORT,
+            salvage_report(&summary).as_bytes(),
+        )?;
+    }
+    staging.place()?;
+    Ok(ExtractReport {
+        summary,
+        files: staging.finish(),
+        targets: Vec::new(),
+    })
+}
+
+/// Reads the archive into `targets` (with `verbose`, printing Proxmox's
+/// progress lines to `out`), prints the closing statistics, and hands the
+/// targets to `close` (flush, sync).
+fn run<R: Read>(
+    mut archive: Archive<R>,
+    input: &str,
+    targets: Vec<Option<Target>>,
+    verbose: bool,
+    out: &mut dyn Write,
+    close: impl FnOnce(&mut [Option<Target>]) -> Result<(), Failure>,
+) -> Result<Summary, Failure> {
+    let progress = verbose.then(|| ProxmoxProgress::new(archive.header()));
     let mut sink = ImageSink {
         targets,
-        progress: progress.map(|p| (p, &mut *out)),
+        progress: progress.map(|p| (p, out)),
     };
     let summary = archive
         .run(&mut sink)
         .map_err(|e| Failure::format(input, &e))?;
-    let ImageSink { targets, progress } = sink;
+    let ImageSink {
+        mut targets,
+        progress,
+    } = sink;
+    for t in targets.iter_mut().flatten() {
+        t.flush_zeros().map_err(|e| Failure::io(&t.shown, &e))?;
+    }
+    close(&mut targets)?;
     if let Some((progress, out)) = progress {
-        progress.finish(out).map_err(stdout_err)?;
+        progress
+            .finish(out)
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::io("stdout", &e))?;
     }
-
-    let mut files = Vec::new();
-    for t in targets.into_iter().flatten() {
-        let name = t.tmp.display().to_string();
-        if t.vmstate && t.end > t.size {
-            t.file.set_len(t.end).map_err(|e| Failure::io(&name, &e))?;
-        }
-        t.file.sync_all().map_err(|e| Failure::io(&name, &e))?;
-        fs::rename(&t.tmp, &t.path).map_err(|e| Failure::io(&name, &e))?;
-        files.push(t.path);
-    }
-    cleanup.0.clear();
-    for (name, data) in &plan.configs {
-        let path = dir.join(name);
-        fs::write(&path, data).map_err(|e| Failure::io(&path.display().to_string(), &e))?;
-        files.push(path);
-    }
-    if opts.salvage && !summary.is_complete() {
-        let path = dir.join(SALVAGE_REPORT);
-        fs::write(&path, salvage_report(&summary))
-            .map_err(|e| Failure::io(&path.display().to_string(), &e))?;
-        files.push(path);
-    }
-    Ok(ExtractReport { summary, files })
+    Ok(summary)
 }
 
-/// Removes the temporary images unless disarmed (emptied).
-struct Cleanup(Vec<PathBuf>);
+/// Cache modes QEMU knows (`bdrv_parse_cache_mode`).
+const CACHE_MODES: [&str; 6] = [
+    "none",
+    "off",
+    "writeback",
+    "writethrough",
+    "directsync",
+    "unsafe",
+];
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = fs::remove_file(p);
-        }
+/// The restore of [`extract`] with a map.
+fn restore<R: Read>(
+    mut archive: Archive<R>,
+    input: &str,
+    dir: &Path,
+    map_path: &Path,
+    plan: Plan,
+    opts: &ExtractOptions,
+    out: &mut dyn Write,
+) -> Result<ExtractReport, Failure> {
+    let outdir = OutputDir::prepare(dir, opts.force)?;
+    let mut staging = Staging::new(&outdir, opts.force);
+    for c in &plan.configs {
+        staging.write(&c.tmp, &c.name, &c.data)?;
     }
-}
+    staging.place()?;
+    let stdout_err = |e: io::Error| Failure::io("stdout", &e);
+    listing::write_listing(out, archive.header())
+        .and_then(|()| out.flush())
+        .map_err(stdout_err)?;
 
-fn prepare_dir(dir: &Path, force: bool) -> Result<(), Failure> {
-    let name = dir.display().to_string();
-    match fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !force {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    format!(
-                        "{name}: directory exists and is not empty (use --force to write into it)"
-                    ),
-                ));
+    let shown_map = map_path.display().to_string();
+    let map = restore_map::read_path(map_path).map_err(|e| {
+        Failure::new(
+            if e.io { exit::IO } else { exit::USAGE },
+            format!("{shown_map}: {e}"),
+        )
+    })?;
+    let map_err = |m: String| Failure::new(exit::USAGE, format!("{shown_map}: {m}"));
+    let header = archive.header().clone();
+    for name in map.devices.keys() {
+        match header
+            .devices()
+            .iter()
+            .find(|d| d.c_name() == name.as_bytes())
+        {
+            None => return Err(map_err(format!("no device named {name:?} in {input}"))),
+            Some(d) if d.is_vmstate() => {
+                return Err(map_err(format!(
+                    "{name:?} is the RAM state: it is written to {}, not mapped",
+                    outdir.show("vmstate.bin")
+                )))
             }
-            Ok(())
+            Some(_) => {}
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(|e| Failure::io(&name, &e))
-        }
-        Err(e) => Err(Failure::io(&name, &e)),
     }
+
+    // Check every mapping and open every target before writing anything.
+    let mut targets: Vec<Option<Target>> = (0..256).map(|_| None).collect();
+    let mut written = Vec::new();
+    let mut groups: HashMap<String, Rc<RefCell<Throttle>>> = HashMap::new();
+    let mut no_sync = Vec::new();
+    for d in plan.devices.iter().filter(|d| !d.vmstate) {
+        let spec = match map.devices.get(&d.name) {
+            None => {
+                return Err(map_err(format!("no device name mapping for {}", d.name)));
+            }
+            Some(Mapping::Skip) => {
+                archive.unchecked_device(d.id);
+                continue;
+            }
+            Some(Mapping::Target(spec)) => spec,
+        };
+        let (file, shown) = open_target(spec, d, &map_err)?;
+        let throttle = (spec.throttling_bps > 0).then(|| {
+            let key = match &spec.throttling_group {
+                Some(g) => format!("group {g}"),
+                None => format!("device {}", d.name),
+            };
+            let t = groups
+                .entry(key)
+                .or_insert_with(|| Rc::new(RefCell::new(Throttle::new(spec.throttling_bps))));
+            t.borrow_mut().limit_to(spec.throttling_bps);
+            t.clone()
+        });
+        if spec.cache.as_deref() == Some("unsafe") {
+            no_sync.push(d.id);
+        }
+        written.push(spec.path.clone());
+        targets[d.id as usize] = Some(
+            Target::new(file, shown, d.size, false)
+                .write_zeros(spec.write_zeros)
+                .throttled(throttle),
+        );
+    }
+    for d in plan.devices.iter().filter(|d| d.vmstate) {
+        let f = staging.create(&d.tmp, &d.file)?;
+        let shown = outdir.show(&d.tmp);
+        f.set_len(d.size).map_err(|e| Failure::io(&shown, &e))?;
+        targets[d.id as usize] = Some(Target::new(f, shown, d.size, true));
+    }
+
+    let summary = run(archive, input, targets, opts.verbose, out, |targets| {
+        for (id, t) in targets.iter_mut().enumerate() {
+            let Some(t) = t else { continue };
+            if t.end > t.size() && t.is_vmstate() {
+                t.file()
+                    .set_len(t.end)
+                    .map_err(|e| Failure::io(&t.shown, &e))?;
+            }
+            if !no_sync.contains(&(id as u8)) {
+                t.file().sync_all().map_err(|e| Failure::io(&t.shown, &e))?;
+            }
+        }
+        Ok(())
+    })?;
+    staging.place()?;
+    Ok(ExtractReport {
+        summary,
+        files: staging.finish(),
+        targets: written,
+    })
+}
+
+/// Opens a map target for device `d` and checks it can hold the device.
+fn open_target(
+    spec: &TargetSpec,
+    d: &PlannedDevice,
+    map_err: &dyn Fn(String) -> Failure,
+) -> Result<(File, String), Failure> {
+    let shown = spec.path.display().to_string();
+    if let Some(format) = spec.format.as_deref().filter(|f| *f != "raw") {
+        return Err(map_err(format!(
+            "{}: format={format} is not supported: targets are written as raw images \
+             (convert with qemu-img after restoring to a raw target)",
+            d.name
+        )));
+    }
+    if let Some(cache) = spec.cache.as_deref() {
+        if !CACHE_MODES.contains(&cache) {
+            return Err(map_err(format!("invalid cache option: {cache}")));
+        }
+    }
+    let sync = matches!(spec.cache.as_deref(), Some("writethrough" | "directsync"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .custom_flags(if sync { libc_o_dsync() } else { 0 })
+        .open(&spec.path)
+        .map_err(|e| Failure::io(&shown, &e))?;
+    let meta = file.metadata().map_err(|e| Failure::io(&shown, &e))?;
+    let size = if meta.is_file() {
+        meta.len()
+    } else if meta.file_type().is_block_device() {
+        file.seek(io::SeekFrom::End(0))
+            .map_err(|e| Failure::io(&shown, &e))?
+    } else {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "{shown}: not a regular file or block device (target of {})",
+                d.name
+            ),
+        ));
+    };
+    if size < d.size {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "{shown}: target of {} holds {size} bytes, the device needs {}",
+                d.name, d.size
+            ),
+        ));
+    }
+    Ok((file, shown))
+}
+
+/// O_DSYNC: every write reaches the device before it returns.
+fn libc_o_dsync() -> i32 {
+    rustix::fs::OFlags::DSYNC.bits() as i32
 }
 
 /// One line per device with missing clusters: `NAME: N of M clusters

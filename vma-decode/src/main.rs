@@ -1,13 +1,37 @@
 //! `vma-decode`: list VMA archives, print their configs, extract them.
+//! Called `vma` (a symlink or hard link), it is Proxmox's `vma` instead:
+//! see `vma_decode::proxmox`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use vma_cli::input::Input;
 use vma_cli::{exit, listing, Failure, EXIT_CODES_HELP};
 use vma_decode::extract::{extract, missing_line, ExtractOptions, SALVAGE_REPORT};
+use vma_decode::stdout::{extract_to_stdout, DEFAULT_REORDER_BUFFER};
 use vma_format::{Archive, ReadOptions};
+
+const EXTRACT_HELP: &str = "\
+Into DIR: DIR/disk-<name>.raw per device (sparse, the size the header records), \
+DIR/vmstate.bin for RAM state, and the config files, all written under tmp- names \
+and renamed only when everything is complete; a failed extract leaves nothing that \
+looks complete. Files are created inside DIR only (never through a symlink there).
+
+With -r MAPFILE (as Proxmox's qmrestore runs `vma extract -v -r FIFO - DIR`): the \
+configs are written into DIR, the CFG:/DEV:/CTIME: lines printed, then MAPFILE is \
+read up to a line `done`: one line per device, \
+`[throttling.bps=N:][throttling.group=G:][cache=C:][format=raw:]{0|1}:DEVNAME=PATH` \
+(0: the target reads as zeros already, 1: write zeros) or `skip=DEVNAME`. Targets \
+(files or block devices at least the device's size) are written in place. Map \
+problems are exit 2, before anything is written.
+
+With --stdout DEVNAME: that device as a raw image on standard output, in order. \
+Clusters the archive holds out of order wait in a reorder buffer (--reorder-buffer, \
+default 64 MiB), beyond it in an unnamed temporary file in $TMPDIR. A consumer that \
+stops reading (EPIPE) is exit 3.
+
+Archives may be compressed (zstd, gzip/pigz, lzop: detected by their magic bytes). ";
 
 #[derive(Parser)]
 #[command(name = "vma-decode", version, about = "Lists and extracts Proxmox VMA archives", after_help = EXIT_CODES_HELP)]
@@ -20,40 +44,59 @@ struct Cli {
 enum Command {
     /// Print the configs, devices and creation time, exactly as Proxmox's `vma list`.
     List {
-        /// The archive, or `-` for standard input.
+        /// The archive (plain or compressed), or `-` for standard input.
         archive: String,
     },
     /// Print one config file, like `vma config`.
     Config {
-        /// The archive, or `-` for standard input.
+        /// The archive (plain or compressed), or `-` for standard input.
         archive: String,
         /// The config's name.
         #[arg(short = 'c', long = "config", default_value = "qemu-server.conf")]
         name: String,
     },
-    /// Write each device as DIR/disk-<name>.raw (sparse), vmstate as DIR/vmstate.bin, and the config files.
-    #[command(after_help = EXIT_CODES_HELP)]
+    /// Write each device as DIR/disk-<name>.raw (sparse), vmstate as DIR/vmstate.bin, and the config files;
+    /// or restore onto the targets of a map (-r); or one disk to stdout (--stdout).
+    #[command(after_help = format!("{EXTRACT_HELP}{EXIT_CODES_HELP}"))]
     Extract {
-        /// The archive, or `-` for standard input.
+        /// The archive (plain or compressed), or `-` for standard input.
         archive: String,
-        /// Output directory: created if missing; refused if not empty unless --force.
-        dir: PathBuf,
+        /// Output directory: created if missing; refused if not empty unless --force. Not with --stdout.
+        dir: Option<PathBuf>,
         /// Only these devices (comma-separated names, e.g. drive-scsi0,drive-virtio1).
         #[arg(short = 'd', long = "devices", value_delimiter = ',')]
         devices: Option<Vec<String>>,
+        /// Restore onto the targets named in MAPFILE (usually a FIFO), as Proxmox's qmrestore does.
+        #[arg(short = 'r', long = "map", value_name = "MAPFILE", conflicts_with_all = ["salvage", "stdout"])]
+        map: Option<PathBuf>,
+        /// Write device DEVNAME as a raw image to standard output, in order.
+        #[arg(long, value_name = "DEVNAME", conflicts_with_all = ["devices", "verbose", "salvage", "force"])]
+        stdout: Option<String>,
+        /// With --stdout: bytes of out-of-order clusters kept in memory before spilling to $TMPDIR.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REORDER_BUFFER, requires = "stdout")]
+        reorder_buffer: usize,
         /// Print Proxmox-style progress and statistics.
         #[arg(short = 'v', long)]
         verbose: bool,
         /// Recover what a damaged or truncated archive still holds; exit 4 if anything is missing.
         #[arg(long)]
         salvage: bool,
-        /// Write into an existing non-empty directory.
+        /// Write into an existing non-empty directory (replacing files of the same names).
         #[arg(long)]
         force: bool,
     },
 }
 
 fn main() {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    let called = std::path::Path::new(&argv0)
+        .file_name()
+        .unwrap_or_default()
+        .to_owned();
+    if called == "vma" {
+        std::process::exit(vma_decode::proxmox::main(args.collect()));
+    }
     let cli = Cli::parse();
     if let Err(f) = run(cli) {
         f.exit();
@@ -85,18 +128,53 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Extract {
             archive,
+            stdout: Some(devname),
+            dir,
+            reorder_buffer,
+            ..
+        } => {
+            if let Some(dir) = dir {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!(
+                        "{}: no output directory with --stdout (the image goes to standard output)",
+                        dir.display()
+                    ),
+                ));
+            }
+            if std::io::stdout().is_terminal() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "stdout: refusing to write a disk image to a terminal (redirect or pipe it)",
+                ));
+            }
+            let (input, archive) = open(&archive, ReadOptions::default())?;
+            extract_to_stdout(archive, &input, &devname, reorder_buffer, &mut out)?;
+        }
+        Command::Extract {
+            archive,
             dir,
             devices,
+            map,
             verbose,
             salvage,
             force,
+            ..
         } => {
+            let Some(dir) = dir else {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "extract: an output directory (or --stdout DEVNAME) is required",
+                ));
+            };
+            vma_decode::outdir::OutputDir::check_arg(&dir)?;
             let (input, archive) = open(&archive, ReadOptions { salvage })?;
             let opts = ExtractOptions {
                 devices,
                 force,
                 verbose,
                 salvage,
+                map,
             };
             let report = extract(archive, &input, &dir, &opts, &mut out)?;
             out.flush().map_err(out_err)?;
