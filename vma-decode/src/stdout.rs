@@ -39,6 +39,8 @@ struct Held {
 struct Spill {
     file: File,
     present: BTreeSet<u32>,
+    /// The file's length: it covers every cluster in it, holes included.
+    len: u64,
 }
 
 struct StreamSink<W: Write> {
@@ -130,6 +132,7 @@ impl<W: Write> StreamSink<W> {
             self.spill = Some(Spill {
                 file,
                 present: BTreeSet::new(),
+                len: 0,
             });
         }
         let spill = self.spill.as_mut().expect("created");
@@ -139,6 +142,15 @@ impl<W: Write> StreamSink<W> {
                 .file
                 .write_all_at(bytes, c.offset() + (block * BLOCK_SIZE) as u64)
                 .map_err(|e| io::Error::new(e.kind(), format!("reorder spill file: {e}")))?;
+        }
+        // Trailing zero blocks are holes past the end unless the file covers them.
+        let end = c.offset() + CLUSTER_SIZE as u64;
+        if spill.len < end {
+            spill
+                .file
+                .set_len(end)
+                .map_err(|e| io::Error::new(e.kind(), format!("reorder spill file: {e}")))?;
+            spill.len = end;
         }
         spill.present.insert(c.cluster_num);
         Ok(())
