@@ -851,6 +851,8 @@ fn verbose_prints_proxmox_style_lines() {
         src.path(),
         &[
             "-v",
+            "-c",
+            "qemu-server.conf",
             "drive-scsi0=small.raw",
             "drive-ide0=tiny.raw",
             "zeros.raw",
@@ -897,7 +899,7 @@ fn verbose_prints_proxmox_style_lines() {
         last = pct;
     }
     // Without -v (and stderr not a terminal): silent.
-    let o = encode(src.path(), &["small.raw"]);
+    let o = encode(src.path(), &["-c", "qemu-server.conf", "small.raw"]);
     assert!(ok(&o).stderr.is_empty());
 }
 

@@ -53,7 +53,10 @@ A single '-' reads a cluster stream (docs/CLUSTER-STREAM.md) on standard input:
 clusters in any order, each exactly once; the archive is completed only if all
 arrived.
 
-Config files are stored under their base name. Every extent carries a CRC-32 of
+-c NAME=PATH stores the file PATH under NAME; -c PATH stores it under its base
+name (as Proxmox does; write ./a=b.conf for a path with '=' in its first
+component). Proxmox's qmrestore restores a VM from the config named
+qemu-server.conf: an archive with disks but without one gets a warning. Every extent carries a CRC-32 of
 its data in the free 59th slot (ignored by other readers) unless
 --no-data-checksums is given.
 
@@ -79,8 +82,9 @@ write the archive: disk full, broken pipe).";
     after_help = AFTER_HELP
 )]
 pub struct Args {
-    /// Store this config file (under its base name); repeatable, up to 256.
-    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
+    /// Store a config file: NAME=PATH stores PATH under NAME, a bare PATH
+    /// under its base name; repeatable, up to 256.
+    #[arg(short = 'c', long = "config", value_name = "[NAME=]PATH")]
     pub configs: Vec<PathBuf>,
     /// Write the archive to ARCHIVE (made safely) instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "ARCHIVE")]
@@ -171,6 +175,10 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
     match result {
         Ok(()) => {
             output.commit().map_err(|e| e.into_failure(&out_name))?;
+            // About the archive made: said once it exists.
+            if let Some(warning) = config_warning(&config_names(args), header.devices()) {
+                eprintln!("vma-encode: {warning}");
+            }
             Ok(())
         }
         Err(e) => {
@@ -270,8 +278,10 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         .unwrap_or_else(now);
     let uuid = args.uuid.unwrap_or_else(uuid::Uuid::new_v4).into_bytes();
     let mut builder = HeaderBuilder::new(uuid, ctime);
-    for path in &args.configs {
-        let (name, data) = read_config(path)?;
+    for arg in &args.configs {
+        let (name, path) = split_config(arg.as_os_str());
+        let (base, data) = read_config(&path)?;
+        let name = name.unwrap_or(base);
         builder.add_config(&name, data).map_err(|e| {
             Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
         })?;
@@ -294,6 +304,54 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         images.push(image);
     }
     Ok((Sources::Images(images), builder))
+}
+
+/// The config qmrestore restores a VM from.
+pub const QEMU_SERVER_CONF: &str = "qemu-server.conf";
+
+/// The warning for an archive with disks but no `qemu-server.conf`, if
+/// one with these configs and devices is one.
+pub fn config_warning(configs: &[String], devices: &[(String, u64)]) -> Option<String> {
+    let disks = devices.iter().any(|(n, _)| n != vma_format::VMSTATE_NAME);
+    let has = configs.iter().any(|n| n == QEMU_SERVER_CONF);
+    (disks && !has).then(|| {
+        format!(
+            "warning: no config named {QEMU_SERVER_CONF} in the archive: Proxmox's qmrestore \
+             will not restore it (add -c {QEMU_SERVER_CONF}=PATH)"
+        )
+    })
+}
+
+/// The names the configs of `args` are stored under.
+fn config_names(args: &Args) -> Vec<String> {
+    args.configs
+        .iter()
+        .map(|a| match split_config(a.as_os_str()) {
+            (Some(name), _) => name,
+            (None, path) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// `-c NAME=PATH` → (Some(NAME), PATH) when NAME is not empty and holds no
+/// `/`; anything else is a PATH stored under its base name.
+fn split_config(arg: &OsStr) -> (Option<String>, PathBuf) {
+    let bytes = arg.as_bytes();
+    if let Some(eq) = bytes.iter().position(|&b| b == b'=') {
+        let name = &bytes[..eq];
+        if !name.is_empty() && !name.contains(&b'/') {
+            if let Ok(name) = std::str::from_utf8(name) {
+                return (
+                    Some(name.to_string()),
+                    PathBuf::from(OsStr::from_bytes(&bytes[eq + 1..])),
+                );
+            }
+        }
+    }
+    (None, PathBuf::from(arg))
 }
 
 /// `NAME=SOURCE` → (NAME, SOURCE); a bare SOURCE gets `disk{index}`. Split at
@@ -399,5 +457,47 @@ mod tests {
             Ok(("x".into(), PathBuf::from("a=b.raw")))
         );
         assert_eq!(split("x=", 0), Err("x=: no source after '='".into()));
+    }
+
+    #[test]
+    fn configs_are_named_like_proxmox_or_as_told() {
+        let s = |a: &str| split_config(OsStr::new(a));
+        assert_eq!(
+            s("qemu-server.conf=/tmp/vm100.conf"),
+            (
+                Some("qemu-server.conf".into()),
+                PathBuf::from("/tmp/vm100.conf")
+            )
+        );
+        assert_eq!(
+            s("/etc/pve/qemu-server/100.conf"),
+            (None, PathBuf::from("/etc/pve/qemu-server/100.conf"))
+        );
+        // A '/' before the '=' makes it a path; so does an empty name.
+        assert_eq!(s("./a=b.conf"), (None, PathBuf::from("./a=b.conf")));
+        assert_eq!(s("dir/a=b"), (None, PathBuf::from("dir/a=b")));
+        assert_eq!(s("=x"), (None, PathBuf::from("=x")));
+        assert_eq!(s("a=b=c"), (Some("a".into()), PathBuf::from("b=c")));
+    }
+
+    #[test]
+    fn warns_when_qmrestore_would_find_no_config() {
+        let mut configs = Vec::new();
+        let mut devices = Vec::new();
+        assert_eq!(
+            config_warning(&configs, &devices),
+            None,
+            "no disks, nothing to restore"
+        );
+        devices.push(("vmstate".to_string(), 4096));
+        assert_eq!(config_warning(&configs, &devices), None);
+        devices.push(("drive-scsi0".to_string(), 4096));
+        assert!(config_warning(&configs, &devices)
+            .unwrap()
+            .starts_with("warning: no config named qemu-server.conf"));
+        configs.push("vm.conf".to_string());
+        assert!(config_warning(&configs, &devices).is_some());
+        configs.push("qemu-server.conf".to_string());
+        assert_eq!(config_warning(&configs, &devices), None);
     }
 }
