@@ -18,7 +18,7 @@ mkdir -p "$work"
 trap 'rm -rf "$work"/out-* "$work"/cp-*' EXIT
 
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 [ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 3; }
 
 # best of 3 wall-clock seconds of a shell command (its output discarded)

@@ -27,7 +27,7 @@ use crate::lzop::{self, LzopReader};
 /// Bytes per buffer passed from the decoder thread.
 pub const CHUNK: usize = 1 << 20;
 /// Buffers in flight between the decoder thread and the reader.
-pub const DEPTH: usize = 4;
+pub const DEPTH: usize = 8;
 /// Bytes of an input's start that decide its format.
 pub const MAGIC_LEN: usize = 9;
 

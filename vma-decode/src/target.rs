@@ -38,9 +38,16 @@ pub struct Target {
     zero_run: Option<(u64, u64)>,
     zeroing: Zeroing,
     throttle: Option<Rc<RefCell<Throttle>>>,
+    /// Bytes written since writeback was last started.
+    dirty: u64,
     /// Highest byte written + 1.
     pub end: u64,
 }
+
+/// Writeback of what was written is started every this many bytes, so the
+/// device writes while the archive is still being read (and decompressed)
+/// instead of all at the final fsync; it also keeps dirty memory bounded.
+pub const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// The zeroing method that last worked (tried in this order).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,7 @@ impl Target {
             zero_run: None,
             zeroing: Zeroing::PunchHole,
             throttle: None,
+            dirty: 0,
             end: 0,
         }
     }
@@ -197,7 +205,24 @@ impl Target {
         }
         self.file
             .write_all_at(bytes, offset)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.shown)))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.shown)))?;
+        self.dirty += bytes.len() as u64;
+        if self.dirty >= WRITEBACK_EVERY {
+            self.dirty = 0;
+            start_writeback(&self.file);
+        }
+        Ok(())
+    }
+}
+
+/// Starts writing the file's dirty pages to the device without waiting for
+/// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). Only
+/// a hint: the final fsync makes the data durable, so a failure is ignored.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
