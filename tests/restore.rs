@@ -376,11 +376,17 @@ fn qmrestore(vma: &Path, work: &Path, archive: &[u8], map: &[String], no_done: b
         } else if line.starts_with("CTIME: ") {
             out.config_at_ctime = fs::read(tmpdir.join("qemu-server.conf")).ok();
             let mut f = opener.take().unwrap().join().unwrap().unwrap();
-            for m in map {
-                writeln!(f, "{m}").unwrap();
-            }
+            // A command that gives up on a bad line closes the FIFO: later
+            // writes fail (qmrestore dies of SIGPIPE there); its own exit
+            // status and message are what count.
+            let mut lines: Vec<String> = map.to_vec();
             if !no_done {
-                writeln!(f, "done").unwrap();
+                lines.push("done".into());
+            }
+            for m in lines {
+                if writeln!(f, "{m}").is_err() {
+                    break;
+                }
             }
             drop(f);
         }
