@@ -23,7 +23,8 @@
 //! empty line is an error, a line may not exceed 8191 bytes (Proxmox's
 //! buffer; it would split a longer one), and naming a device twice is an
 //! error (Proxmox keeps the last). Checks against the archive (unknown
-//! devices, devices without a mapping) are [`RestoreMap::resolve`]'s.
+//! devices, devices without a mapping, targets) are made by
+//! [`crate::extract`] before anything is written.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
