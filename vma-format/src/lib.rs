@@ -16,12 +16,15 @@
 //!   field checked, or built and encoded exactly as Proxmox's writer lays it out.
 //! * [`ExtentHeader`] — one extent header, parsed with every field checked.
 //! * [`Archive`] — the streaming reader over any [`std::io::Read`]: it checks
-//!   everything and pushes clusters into a [`ClusterSink`].
+//!   everything and pushes clusters into a [`ClusterSink`]; or, over a file,
+//!   walks only the extent headers with the same checks and tells an
+//!   [`IndexSink`] where each cluster lies ([`Archive::index`]).
 //! * [`Writer`] — the streaming writer over any [`std::io::Write`].
 //! * [`stream`] — the cluster stream that `cbw-tap` emits and `vma-encode`
 //!   reads.
 //!
-//! Nothing here seeks: readers and writers work on pipes.
+//! Nothing here seeks but [`Archive::index`] over a [`Seekable`] input:
+//! readers and writers work on pipes.
 
 pub mod bitmap;
 pub mod cluster;
@@ -39,7 +42,10 @@ pub use cluster::{BlockMask, Cluster, ClusterBuf};
 pub use error::{Error, ErrorClass, Location};
 pub use extent::{BlockInfo, ExtentHeader, DATA_CHECKSUM_MASK, DATA_CHECKSUM_VERSION};
 pub use header::{ConfigEntry, DeviceInfo, HeaderBuilder, VmaHeader};
-pub use reader::{Archive, ClusterSink, DataChecksums, Flow, ReadOptions, Summary};
+pub use reader::{
+    Archive, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster, IndexedExtent,
+    ReadOptions, Seekable, SkipData, Summary,
+};
 pub use writer::{Writer, WriterOptions};
 
 /// Size of a block, the unit of zero detection: 4 KiB.

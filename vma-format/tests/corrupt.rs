@@ -20,8 +20,8 @@ use md5::{Digest, Md5};
 use proptest::prelude::*;
 use vma_format::{
     Archive, BlockInfo, BlockMask, Cluster, ClusterSink, Error, ErrorClass, Flow, HeaderBuilder,
-    Location, ReadOptions, Summary, Writer, WriterOptions, CLUSTER_SIZE, EXTENT_HEADER_SIZE,
-    MAX_READ_HEADER_SIZE,
+    IndexSink, IndexedCluster, IndexedExtent, Location, ReadOptions, Seekable, SkipData, Summary,
+    Writer, WriterOptions, CLUSTER_SIZE, EXTENT_HEADER_SIZE, MAX_READ_HEADER_SIZE,
 };
 
 // ---------------------------------------------------------------------------
@@ -157,12 +157,55 @@ fn read_with(bytes: &[u8], salvage: bool) -> Result<(Summary, Collect), Error> {
     Ok((summary, sink))
 }
 
-/// The error a strict read of `bytes` gives; it must be damage.
+/// Where index mode says each cluster lies.
+#[derive(Default)]
+struct Located(Vec<(IndexedCluster, u64)>);
+
+impl IndexSink for Located {
+    fn extent(&mut self, e: &IndexedExtent<'_>) -> std::io::Result<Flow> {
+        assert!(e.data_len <= e.block_count as u64 * 4096);
+        for c in e.clusters {
+            self.0
+                .push((*c, e.data_offset() + c.first_block as u64 * 4096));
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+/// [`Archive::index`] over `bytes` as a seekable file: the clusters it
+/// locates, read from where it says they are.
+fn index_with(bytes: &[u8], salvage: bool) -> Result<(Summary, Collect), Error> {
+    let input = Seekable::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut archive = Archive::with_options(input, ReadOptions { salvage })?;
+    let mut sink = Located::default();
+    let summary = archive.index(&mut sink)?;
+    let mut got = Collect::default();
+    for (c, at) in sink.0 {
+        let at = at as usize;
+        let data = &bytes[at..at + c.mask.count() * 4096];
+        let cluster = Cluster {
+            dev_id: c.dev_id,
+            cluster_num: c.cluster_num,
+            mask: c.mask,
+            data,
+        };
+        got.cluster(&cluster).unwrap();
+    }
+    Ok((summary, got))
+}
+
+/// The error a strict read of `bytes` gives; it must be damage. Index mode
+/// (every check but the data's) must find the same, or, where only the data
+/// is wrong, nothing.
 fn damage(bytes: &[u8]) -> Error {
     match read_with(bytes, false) {
         Ok(_) => panic!("damaged archive accepted"),
         Err(e) => {
             assert_eq!(e.class(), ErrorClass::Damaged, "{e}");
+            match index_with(bytes, false) {
+                Err(i) => assert_eq!(i.to_string(), e.to_string(), "index mode"),
+                Ok(_) => assert_eq!(e.message(), "data checksum mismatch", "index mode passed"),
+            }
             e
         }
     }
@@ -1051,6 +1094,197 @@ proptest! {
                 prop_assert!(damaged, "sound archive refused: {}", e);
                 prop_assert_eq!(e.class(), ErrorClass::Damaged);
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Index mode: the same checks without reading the data.
+
+/// Summaries of a read and an index walk agree but on the data checksums,
+/// which only a read checks.
+fn assert_same_summary(read: &Summary, index: &Summary) {
+    assert_eq!(index.extents, read.extents);
+    assert_eq!(index.clusters, read.clusters);
+    assert_eq!(index.data_blocks, read.data_blocks);
+    assert_eq!(index.bytes_read, read.bytes_read);
+    assert_eq!(index.missing, read.missing);
+    assert_eq!(index.damage_count, read.damage_count);
+    let messages = |s: &Summary| s.damage.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+    assert_eq!(messages(index), messages(read));
+    assert_eq!(
+        index.data_checksums.unchecked + index.data_checksums.absent,
+        read.data_checksums.verified + read.data_checksums.absent
+    );
+    assert_eq!(index.data_checksums.verified, 0);
+}
+
+#[test]
+fn index_mode_locates_every_cluster_a_read_delivers() {
+    let archives = [
+        ("ours", build(true)),
+        ("ours without checksums", build(false)),
+        ("with vmstate", build_with_vmstate()),
+        ("two devices", small_archive(true).0),
+        ("Proxmox's", multi_disk()),
+    ];
+    for (what, bytes) in archives {
+        let (read, want) = read_with(&bytes, false).unwrap();
+        let (index, got) = index_with(&bytes, false).unwrap();
+        assert_same_summary(&read, &index);
+        assert!(got.0 == want.0, "{what}: located data differs");
+        let with_crc = if what == "ours" { 3 } else { 0 };
+        if what.starts_with("ours") {
+            assert_eq!(index.data_checksums.unchecked, with_crc, "{what}");
+        }
+    }
+}
+
+#[test]
+fn index_mode_reads_only_the_extent_headers() {
+    /// Counts the bytes read and the bytes skipped.
+    struct Counted<'a> {
+        inner: Seekable<std::io::Cursor<&'a [u8]>>,
+        read: u64,
+        skipped: u64,
+    }
+    impl std::io::Read for Counted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+    impl SkipData for Counted<'_> {
+        fn skip_data(&mut self, n: u64) -> std::io::Result<u64> {
+            let n = self.inner.skip_data(n)?;
+            self.skipped += n;
+            Ok(n)
+        }
+    }
+    let bytes = build(true);
+    let ext = extents(&bytes);
+    let mut archive = Archive::new(Counted {
+        inner: Seekable::new(std::io::Cursor::new(&bytes[..])).unwrap(),
+        read: 0,
+        skipped: 0,
+    })
+    .unwrap();
+    archive.index(&mut Located::default()).unwrap();
+    let counted = archive.into_inner();
+    let headers = header_size(&bytes) + ext.len() * EXTENT_HEADER_SIZE;
+    // The header and the extent headers, plus the 0-byte read at the end.
+    assert_eq!(counted.read, headers as u64);
+    assert_eq!(counted.skipped, (bytes.len() - headers) as u64);
+}
+
+#[test]
+fn index_mode_over_a_stream_that_reads_what_it_skips() {
+    /// A pipe-like input: skipping reads the bytes (as a cache writer does).
+    struct Streamed<'a>(&'a [u8]);
+    impl std::io::Read for Streamed<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            // Short reads, as a pipe gives.
+            let n = buf.len().min(self.0.len()).min(1000);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    impl SkipData for Streamed<'_> {
+        fn skip_data(&mut self, n: u64) -> std::io::Result<u64> {
+            let mut buf = [0u8; 3000];
+            let want = (n as usize).min(buf.len());
+            std::io::Read::read(self, &mut buf[..want]).map(|k| k as u64)
+        }
+    }
+    let bytes = build(true);
+    let mut archive = Archive::new(Streamed(&bytes)).unwrap();
+    let mut sink = Located::default();
+    let summary = archive.index(&mut sink).unwrap();
+    assert_eq!(summary.clusters, CLUSTERS as u64);
+    assert_eq!(summary.bytes_read, bytes.len() as u64);
+    let (_, want) = index_with(&bytes, false).unwrap();
+    assert_eq!(sink.0.len(), want.0.len());
+    // Cut off in the data: the same message as a seekable file gives.
+    let (off, len) = extents(&bytes)[1];
+    let cut = &bytes[..off + len - 7];
+    let e = Archive::new(Streamed(cut))
+        .unwrap()
+        .index(&mut Located::default())
+        .unwrap_err();
+    assert_eq!(e.to_string(), damage(cut).to_string());
+}
+
+#[test]
+fn index_mode_salvages_as_a_read_does() {
+    let bytes = build(true);
+    let (off, _) = extents(&bytes)[1];
+    let mut header_hit = bytes.clone();
+    header_hit[off + 30] ^= 1;
+    let mut slot_hit = bytes.clone();
+    let s = slot(&slot_hit, off, 3);
+    set_slot(&mut slot_hit, off, 3, BlockInfo { dev_id: 9, ..s });
+    let cut = bytes[..off + EXTENT_HEADER_SIZE + 25 * 4096].to_vec();
+    let mut twice = bytes.clone();
+    twice.extend_from_slice(&bytes[off..]);
+    for bad in [header_hit, slot_hit, twice] {
+        let (read, want) = read_with(&bad, true).unwrap();
+        let (index, got) = index_with(&bad, true).unwrap();
+        assert_same_summary(&read, &index);
+        assert!(got.0 == want.0);
+    }
+    // Cut off inside extent 1's data: its whole clusters are located, and
+    // the extent says how much of its data is there.
+    struct Last(u64, usize);
+    impl IndexSink for Last {
+        fn extent(&mut self, e: &IndexedExtent<'_>) -> std::io::Result<Flow> {
+            *self = Last(e.data_len, e.clusters.len());
+            Ok(Flow::Continue)
+        }
+    }
+    let mut last = Last(0, 0);
+    let input = Seekable::new(std::io::Cursor::new(&cut[..])).unwrap();
+    let summary = Archive::with_options(input, ReadOptions { salvage: true })
+        .unwrap()
+        .index(&mut last)
+        .unwrap();
+    assert_eq!((last.0, last.1), (25 * 4096, 2));
+    let (read, _) = read_with(&cut, true).unwrap();
+    assert_eq!(summary.missing, read.missing);
+    assert_eq!(summary.clusters, read.clusters);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Damage anywhere but in extent data, and cuts anywhere: index mode
+    /// finds exactly what a read finds.
+    #[test]
+    fn index_mode_agrees_with_a_read_on_random_damage(
+        checksums in any::<bool>(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+        salvage in any::<bool>(),
+    ) {
+        let (orig, _) = small_archive(checksums);
+        let mut bad = orig.clone();
+        for (at, x) in &flips {
+            let pos = at.index(bad.len());
+            if !in_data(&orig, pos) {
+                bad[pos] ^= x;
+            }
+        }
+        if let Some(at) = cut {
+            bad.truncate(at.index(orig.len()));
+        }
+        match (read_with(&bad, salvage), index_with(&bad, salvage)) {
+            (Ok((read, want)), Ok((index, got))) => {
+                assert_same_summary(&read, &index);
+                prop_assert!(got.0 == want.0);
+            }
+            (Err(r), Err(i)) => prop_assert_eq!(r.to_string(), i.to_string()),
+            (r, i) => prop_assert!(false, "read {:?}, index {:?}", r.err(), i.err()),
         }
     }
 }
