@@ -193,31 +193,9 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
             })
             .ok()
     };
-    let reader_thread = {
-        let backup = Arc::clone(&backup);
-        thread::Builder::new()
-            .name("cbw-reader".into())
-            .spawn(move || backup.run_reader())
-    };
-    let result = match reader_thread {
-        Err(e) => {
-            backup.abort(format!("cannot start the background reader: {e}"));
-            Err(backup.abort_reason().unwrap_or_default())
-        }
-        Ok(t) => {
-            let framed = FramedWriter::new(&stream, Some(Arc::clone(&backup)));
-            let result = match StreamSink::new(framed, &backup) {
-                Ok(sink) => backup.run_writer(sink),
-                Err(e) => {
-                    backup.abort(format!("writing the cluster stream failed: {e}"));
-                    Err(backup.abort_reason().unwrap_or_default())
-                }
-            };
-            let _ = t.join();
-            result
-        }
-    };
-    engine.end(&backup);
+    let result = engine.run(&backup, |b| {
+        StreamSink::new(FramedWriter::new(&stream, Some(Arc::clone(&backup))), b)
+    });
     let stats = backup.stats();
     let status = match &result {
         Ok(()) => json!({"ok": true, "stats": stats.to_json()}),
