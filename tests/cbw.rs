@@ -1038,3 +1038,101 @@ fn command_line_errors() {
 fn example_live_backup() {
     common::run_example("live-backup.sh");
 }
+
+/// Issue 8, item 10: a served image carries QEMU's image locks, so QEMU's
+/// tools refuse to write it behind copy-before-write's back (with their
+/// usual error), a second `cbw-tap serve` and an image qemu-nbd writes are
+/// refused with one line, readers share it as with a running VM, and the
+/// locks die with the server (even `kill -9`).
+#[test]
+fn served_images_carry_qemus_image_locks() {
+    let mut rng = Rng::new(41);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("disk.raw");
+    let data = make_image(&p, 1 << 20, &mut rng);
+    let mut tap = Tap::start(d, &[("disk", &p)]);
+    let direct = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .arg(&p)
+            .output()
+            .unwrap()
+    };
+    let refused = |out: &Output, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} was not refused: {err}");
+        assert!(
+            err.contains("Failed to get \"write\" lock")
+                && err.contains("Is another process using the image"),
+            "{what}: {err}"
+        );
+    };
+    refused(
+        &direct(&["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4096"]),
+        "qemu-io write",
+    );
+    refused(
+        &direct(&["qemu-img", "bench", "-w", "-c", "1", "-f", "raw"]),
+        "qemu-img bench -w",
+    );
+    let out = Command::new("qemu-img")
+        .args(["resize", "-f", "raw"])
+        .arg(&p)
+        .arg("2M")
+        .output()
+        .unwrap();
+    refused(&out, "qemu-img resize");
+    assert!(same(&fs::read(&p).unwrap(), &data), "the image was written");
+    // Readers share the image, as with a running VM's disk.
+    let out = direct(&["qemu-io", "-f", "raw", "-r", "-c", "read 0 4096"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // A second server on the same image: one line, exit 3.
+    let second = |sock: &str| {
+        Command::new(common::bin("cbw-tap"))
+            .args(["serve", "--socket"])
+            .arg(d.join(sock))
+            .arg(format!("disk={}", p.display()))
+            .output()
+            .unwrap()
+    };
+    let want = format!(
+        "cbw-tap serve: {}: the image is in use: another process holds QEMU's \"write\" lock on it (a VM, qemu-nbd, qemu-io, qemu-img or another cbw-tap serve); stop it before serving the image\n",
+        p.display()
+    );
+    let out = second("two.sock");
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), want);
+    assert!(!d.join("two.sock").exists());
+
+    // Writes through the server still work.
+    let out = tap.qemu_io("disk", &["write -P 0x5c 8192 4096".to_string()]);
+    assert_qemu_io_ok(&out, "write through cbw-tap");
+
+    // kill -9: the locks go with the process.
+    tap.child.kill().unwrap();
+    tap.child.wait().unwrap();
+    let out = direct(&["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 512"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // An image qemu-nbd serves for writing is refused too.
+    let qsock = d.join("qemu-nbd.sock");
+    let mut qemu_nbd = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-k"])
+        .arg(&qsock)
+        .arg(&p)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !qsock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let out = second("three.sock");
+    qemu_nbd.kill().unwrap();
+    qemu_nbd.wait().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), want);
+}

@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod engine;
+pub mod lock;
 pub mod pace;
 pub mod queue;
 pub mod serve;
