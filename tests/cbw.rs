@@ -1127,7 +1127,10 @@ fn served_images_carry_qemus_image_locks() {
         .unwrap();
     let t0 = Instant::now();
     while !qsock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not start"
+        );
         thread::sleep(Duration::from_millis(10));
     }
     let out = second("three.sock");
@@ -1135,4 +1138,87 @@ fn served_images_carry_qemus_image_locks() {
     qemu_nbd.wait().unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&out.stderr), want);
+}
+
+/// Issue 8, item 11: a consumer that is alive but never reads (here: the
+/// test holds the pipe and reads nothing, like `| sleep 1000`). A guest
+/// write's copy times out, the server aborts the backup and gives up on
+/// the connection; `cbw-tap backup` then exits 3 on its own instead of
+/// staying blocked on stdout.
+#[test]
+fn a_stuck_consumer_cannot_hold_the_backup_client_after_the_server_aborts() {
+    let mut rng = Rng::new(43);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 16 << 20;
+    let (paths, _) = images(d, &mut rng, size);
+    let tap = Tap::start(d, &[("a", &paths[0]), ("b", &paths[1]), ("c", &paths[2])]);
+    let mut backup = spawn_backup(
+        &tap,
+        &["--cbw-timeout", "1", "--buffer", "256K"],
+        &d.join("instant"),
+    );
+    wait_for_instant(&d.join("instant"), &mut backup);
+    let stuck_stdout = backup.stdout.take().unwrap(); // never read
+    let aborted = |log: &str| {
+        log.lines().any(|l| {
+            l.starts_with("cbw-tap serve: backup of ")
+                && l.ends_with(
+                    "aborted: copy-before-write on c timed out after 1 s (the consumer does not keep up)",
+                )
+        })
+    };
+    // Writes to clusters of c the stalled reader has not reached, until one
+    // has to wait for room, times out and breaks the snapshot.
+    // (The server logs the abort once it has given up on the consumer, a
+    // few seconds later; each write gets time for that.)
+    let mut n = 0;
+    'writes: loop {
+        assert!(n < 8, "no write waited for its copy");
+        let off = size - (n + 1) * CS;
+        let out = tap.qemu_io("c", &[format!("write -P 0x33 {off} 4096")]);
+        assert_qemu_io_ok(&out, "guest write");
+        n += 1;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if aborted(&fs::read_to_string(&tap.log).unwrap()) {
+                break 'writes;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The client ends by itself (the deadline only keeps a broken build
+    // from hanging the test run).
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = backup.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = backup.kill();
+            panic!("cbw-tap backup is still blocked on its stuck consumer");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    backup
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert_eq!(
+        err.lines().last().unwrap(),
+        format!(
+            "cbw-tap backup: {}: the server closed the connection before the end of the stream while stdout was blocked (the consumer does not read): backup aborted",
+            tap.ctl.display()
+        ),
+        "{err}"
+    );
+    drop(stuck_stdout);
+    // The server is free for the next backup.
+    let archive = d.join("vm.vma");
+    let ((bst, berr), (est, eerr)) = Pipeline::start(&tap, &archive, &[], &d.join("i2")).finish();
+    assert!(bst.success() && est.success(), "{berr}\n{eerr}");
 }

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod lock;
 pub mod pace;
 pub mod queue;
+pub mod relay;
 pub mod serve;
 pub mod signals;
 pub mod sink;
