@@ -303,7 +303,7 @@ impl BackupClient {
         }
         let mut w = &conn;
         let sent = write_line(&mut w, &request(&self.options));
-        let mut rd = BufReader::with_capacity(1 << 20, &conn);
+        let mut rd = BufReader::with_capacity(256 << 10, &conn);
         let reply = sent.and_then(|()| read_line(&mut rd, "reply"));
         if let Some(post) = &self.post {
             if let Err(e) = run_hook("post", post) {

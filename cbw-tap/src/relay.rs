@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// Stream bytes held for the consumer at most, besides the kernel's pipe
 /// and socket buffers.
-pub const RELAY_BUFFER: usize = 4 << 20;
+pub const RELAY_BUFFER: usize = 1 << 20;
 
 /// How often a full buffer checks whether the server hung up.
 const HANGUP_POLL: Duration = Duration::from_millis(200);
