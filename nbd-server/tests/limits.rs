@@ -238,3 +238,90 @@ fn large_writes_share_one_budget() {
     assert!(raw.read(2, 0, MAX_PAYLOAD as u32) == data);
     raw.disc();
 }
+
+/// Fails every read that starts at or after `bad`.
+struct FailsFrom {
+    inner: std::sync::Arc<dyn nbd_server::Backend>,
+    bad: u64,
+}
+
+impl nbd_server::Backend for FailsFrom {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset >= self.bad {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: nbd_server::ZeroFlags,
+    ) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd_server::Extent>> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// A read sent in pieces that fails after some were sent: with structured
+/// replies the reply ends with an error chunk (and the connection goes on);
+/// a simple reply has promised success already, so the connection closes
+/// rather than deliver wrong data. Failing at the first piece is a plain
+/// error reply either way.
+#[test]
+fn a_read_failing_after_its_first_piece() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let data = pattern(4 * MIB as usize, 3);
+    make_image(&img, 4 * MIB, &[(0, &data)]);
+    let bad = 2 * READ_CHUNK as u64;
+    let srv = TestServer::start(vec![(
+        "disk",
+        std::sync::Arc::new(FailsFrom {
+            inner: file_backend(&img),
+            bad,
+        }),
+    )]);
+    let (mut raw, _, _) = Raw::open(&srv.socket, "disk");
+    raw.request(0, CMD_READ, 1, 0, (4 * READ_CHUNK) as u32, &[]);
+    for piece in 0..2 {
+        let c = raw.chunk();
+        assert_eq!((c.flags, c.kind, c.handle), (0, TYPE_OFFSET_DATA, 1));
+        let at = piece * READ_CHUNK;
+        assert_eq!(&c.payload[..8], &(at as u64).to_be_bytes());
+        assert!(c.payload[8..] == data[at..at + READ_CHUNK]);
+    }
+    let c = raw.chunk();
+    assert_eq!((c.flags, c.handle), (1, 1));
+    assert_eq!(c.error().0, EIO);
+    // The connection goes on.
+    assert_eq!(raw.read(2, 4096, 512), data[4096..4608]);
+    // A read failing at once: one error chunk.
+    raw.request(0, CMD_READ, 3, bad, 512, &[]);
+    let c = raw.chunk();
+    assert_eq!((c.flags, c.handle, c.error().0), (1, 3, EIO));
+    raw.disc();
+
+    let mut simple = Raw::connect(&srv.socket);
+    simple.go("disk").unwrap();
+    simple.request(0, CMD_READ, 4, bad, 512, &[]);
+    assert_eq!(simple.simple(), (EIO, 4));
+    simple.request(0, CMD_READ, 5, 0, (4 * READ_CHUNK) as u32, &[]);
+    assert_eq!(simple.simple(), (0, 5));
+    assert!(simple.read_n(2 * READ_CHUNK) == data[..2 * READ_CHUNK]);
+    assert!(simple.is_closed());
+}
