@@ -2,11 +2,10 @@
 //! transmission phase, on the calling thread, requests answered in order.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::backend::{nbd_errno, Backend, ZeroFlags};
 use crate::limits::Limits;
@@ -95,84 +94,55 @@ fn write_two<W: Write>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> 
 /// Reads and discards exactly `len` bytes, by `deadline` if given.
 fn drain<R: Read>(
     r: &mut BufReader<R>,
-    timer: &Timer<'_>,
+    limits: &Limits,
     mut len: u64,
     deadline: Option<Instant>,
 ) -> io::Result<()> {
     let mut scratch = [0u8; 16384];
     while len > 0 {
         let n = len.min(scratch.len() as u64) as usize;
-        read_by(r, timer, &mut scratch[..n], deadline)?;
+        read_by(r, limits, &mut scratch[..n], deadline)?;
         len -= n as u64;
     }
     Ok(())
 }
 
-/// Sets the socket's receive timeout; remembers whether one is set.
-pub(crate) struct Timer<'a> {
-    set: &'a dyn Fn(Option<Duration>) -> io::Result<()>,
-    armed: Cell<bool>,
-    limits: &'a Limits,
+/// Whether a read error is the socket's receive timeout (the server sets
+/// it to a short tick in transmission, so that waits can check deadlines
+/// without a system call per request).
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
-impl Timer<'_> {
-    /// No timeout: the client may stay idle between requests.
-    fn disarm(&self) -> io::Result<()> {
-        if self.armed.replace(false) {
-            (self.set)(None)?;
-        }
-        Ok(())
-    }
-}
-
-/// Fills `buf` from `r`; with a `deadline`, fails with `TimedOut` if the
-/// bytes have not all arrived by then (the socket's receive timeout is set
-/// to the time left before each read that has to wait). Bytes already
+/// Fills `buf` from `r`; with a `deadline`, fails with `TimedOut` once it
+/// has passed and the bytes have not all arrived (checked after every read
+/// and at every tick of the socket's receive timeout). Bytes already
 /// buffered cost no system call.
 fn read_by<R: Read>(
     r: &mut BufReader<R>,
-    timer: &Timer<'_>,
+    limits: &Limits,
     buf: &mut [u8],
     deadline: Option<Instant>,
 ) -> io::Result<()> {
-    let Some(deadline) = deadline else {
-        return r.read_exact(buf);
-    };
     if r.buffer().len() >= buf.len() {
         return r.read_exact(buf);
     }
     let mut filled = 0;
     while filled < buf.len() {
-        let now = Instant::now();
-        let late = || {
-            timer.limits.timed_out.fetch_add(1, Ordering::Relaxed);
-            io::Error::new(
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            limits.timed_out.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client stopped sending in the middle of a request",
-            )
-        };
-        if now >= deadline {
-            return Err(late());
-        }
-        if r.buffer().is_empty() {
-            // At least 1 ms: a zero timeout would mean none.
-            (timer.set)(Some((deadline - now).max(Duration::from_millis(1))))?;
-            timer.armed.set(true);
+            ));
         }
         match r.read(&mut buf[filled..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(late());
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_tick(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -266,7 +236,6 @@ pub(crate) struct Connection<'a, R: Read, W: Write> {
     /// Replies being assembled; reused.
     out: Vec<u8>,
     limits: &'a Limits,
-    timer: Timer<'a>,
 }
 
 impl<R: Read, W: Write> Drop for Connection<'_, R, W> {
@@ -276,15 +245,15 @@ impl<R: Read, W: Write> Drop for Connection<'_, R, W> {
 }
 
 impl<'a, R: Read, W: Write> Connection<'a, R, W> {
-    /// A connection reading `rd` and writing `wr`; `set_timeout` sets the
-    /// socket's receive timeout (for request deadlines).
+    /// A connection reading `rd` and writing `wr`, under the server's
+    /// `limits`. In transmission, `rd` may time out (a tick, see
+    /// [`crate::server`]): waits simply go on, checking request deadlines.
     pub(crate) fn new(
         rd: R,
         wr: W,
         exports: &'a [Export],
         stopping: &'a AtomicBool,
         limits: &'a Limits,
-        set_timeout: &'a dyn Fn(Option<Duration>) -> io::Result<()>,
     ) -> Self {
         Connection {
             rd: BufReader::with_capacity(64 * 1024, rd),
@@ -299,11 +268,6 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
             accounted: 0,
             out: Vec::with_capacity(4096),
             limits,
-            timer: Timer {
-                set: set_timeout,
-                armed: Cell::new(false),
-                limits,
-            },
         }
     }
 
@@ -377,7 +341,7 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                 if len > MAX_DRAINED_OPTION {
                     return Err(protocol_error("option payload too large"));
                 }
-                drain(&mut self.rd, &self.timer, u64::from(len), None)?;
+                drain(&mut self.rd, self.limits, u64::from(len), None)?;
                 self.option_reply(opt, REP_ERR_TOO_BIG, b"option payload too large");
                 self.send_out()?;
                 continue;
@@ -605,13 +569,12 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
         let block_status_ok = self.meta_export == Some(export);
         loop {
             let mut hdr = [0u8; 28];
-            // Idle between requests: no deadline.
-            self.timer.disarm()?;
-            // EOF right at a request boundary is a (rude but) clean end.
+            // Idle between requests: no deadline, ticks are ignored. EOF
+            // right at a request boundary is a (rude but) clean end.
             let first = loop {
                 match self.rd.read(&mut hdr[..1]) {
                     Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted || is_tick(&e) => {}
                     Err(e) => return Err(e),
                 }
             };
@@ -620,7 +583,7 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
             }
             // From its first byte, the whole request must arrive in time.
             let deadline = self.limits.request_timeout.map(|t| Instant::now() + t);
-            read_by(&mut self.rd, &self.timer, &mut hdr[1..], deadline)?;
+            read_by(&mut self.rd, self.limits, &mut hdr[1..], deadline)?;
             let magic = u32::from_be_bytes(hdr[..4].try_into().unwrap());
             let flags = u16::from_be_bytes(hdr[4..6].try_into().unwrap());
             let cmd = u16::from_be_bytes(hdr[6..8].try_into().unwrap());
@@ -663,7 +626,7 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                 CMD_WRITE => {
                     if len as usize > MAX_PAYLOAD {
                         // Never buffer an oversized payload: skip it.
-                        drain(&mut self.rd, &self.timer, u64::from(len), deadline)?;
+                        drain(&mut self.rd, self.limits, u64::from(len), deadline)?;
                         Err(fail(
                             EINVAL,
                             "write larger than the maximum payload (32 MiB)",
@@ -678,12 +641,12 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                             if self.buf.len() < len {
                                 self.resize_buf(len);
                             }
-                            read_by(&mut self.rd, &self.timer, &mut self.buf[..len], deadline)?;
+                            read_by(&mut self.rd, self.limits, &mut self.buf[..len], deadline)?;
                         } else {
                             let limits = self.limits;
                             let mut p = limits.payload(len);
                             let deadline = limits.request_timeout.map(|t| Instant::now() + t);
-                            read_by(&mut self.rd, &self.timer, &mut p.data, deadline)?;
+                            read_by(&mut self.rd, self.limits, &mut p.data, deadline)?;
                             big = Some(p);
                         }
                         let data = match &big {

@@ -88,7 +88,8 @@
 //!   that stalls for [`DEFAULT_HANDSHAKE_TIMEOUT`] (30 s, see
 //!   [`Server::set_handshake_timeout`]) during the handshake is dropped, and
 //!   so is one whose request (header or write payload) stops arriving
-//!   half-way for [`DEFAULT_REQUEST_TIMEOUT`] (30 s from its first byte,
+//!   half-way for [`DEFAULT_REQUEST_TIMEOUT`] (30 s from its first byte, checked
+//!   at least every second without a system call per request;
 //!   [`Server::set_request_timeout`]); between requests a client may stay
 //!   idle forever.
 //!

@@ -89,6 +89,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// together by default (all connections); more wait for room.
 pub const DEFAULT_PAYLOAD_MEMORY: usize = 64 << 20;
 
+/// How often a read waiting in the middle of a request checks its
+/// deadline: a tenth of the request timeout, at most a second.
+fn tick(request_timeout: Duration) -> Duration {
+    (request_timeout / 10).clamp(Duration::from_millis(1), Duration::from_secs(1))
+}
+
 /// Counters of a running server (see [`ServerHandle::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServerStats {
@@ -503,20 +509,21 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
                 id,
             };
             // A connection's end, clean or not, concerns only that client.
-            let Ok(timeouts) = stream.try_clone() else {
-                return;
-            };
-            let set_timeout = |t: Option<Duration>| timeouts.set_read_timeout(t);
+            let timeouts = stream.try_clone();
             let conn = Connection::new(
                 reader,
                 stream,
                 &shared2.exports,
                 &shared2.stopping,
                 &shared2.limits,
-                &set_timeout,
             );
             let _ = conn.run(|| {
-                let _ = timeouts.set_read_timeout(None);
+                // In transmission the receive timeout is a tick at which a
+                // blocked read checks the request deadline (idle waits just
+                // go on): no system call per request.
+                if let Ok(s) = timeouts {
+                    let _ = s.set_read_timeout(shared2.limits.request_timeout.map(tick));
+                }
             });
         });
     match spawned {
