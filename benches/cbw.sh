@@ -31,7 +31,7 @@ RUNS=${RUNS:-3}
 BWLIMIT=${BWLIMIT:-256M}
 
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cbw-tap -p vma-encode
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 for t in qemu-img qemu-nbd qemu-io python3; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done
@@ -66,7 +66,10 @@ rm -f "$work/cbw.sock" "$work/cbw.sock.ctl" "$work/qemu.sock"
 "$bin/cbw-tap" serve --socket "$work/cbw.sock" disk="$img" 2>"$work/serve.log" &
 pids+=($!)
 wait_sock "$work/cbw.sock.ctl"; wait_sock "$work/cbw.sock"
-qemu-nbd -f raw -k "$work/qemu.sock" -x disk --shared=8 --persistent --cache=writeback --aio=threads "$img" &
+# cbw-tap holds QEMU's image locks on the image; qemu-nbd serves the same
+# bytes with locking off (a benchmark only: both never write at once).
+qemu-nbd -k "$work/qemu.sock" -x disk --shared=8 --persistent --cache=writeback --aio=threads \
+  --image-opts "driver=raw,file.driver=file,file.filename=$img,file.locking=off" &
 pids+=($!)
 wait_sock "$work/qemu.sock"
 uri_tap="nbd+unix:///disk?socket=$work/cbw.sock"

@@ -33,7 +33,8 @@ use serde_json::{json, Value};
 use vma_cli::{exit, Failure};
 
 use crate::engine::{BackupOptions, Engine, Policy};
-use crate::sink::{copy_frames, FrameCopyError, FramedWriter, StreamSink};
+use crate::relay::{Blocked, Relay};
+use crate::sink::{FramedWriter, StreamSink, MAX_FRAME};
 use crate::stats::Stats;
 
 /// Longest request or reply line.
@@ -41,6 +42,10 @@ const MAX_LINE: usize = 64 * 1024;
 
 /// How often a blocked write to the client checks whether to give up.
 const STALL_POLL: Duration = Duration::from_secs(1);
+
+/// How long a failed backup's client waits for a consumer that makes no
+/// progress before it exits.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,31 +198,9 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
             })
             .ok()
     };
-    let reader_thread = {
-        let backup = Arc::clone(&backup);
-        thread::Builder::new()
-            .name("cbw-reader".into())
-            .spawn(move || backup.run_reader())
-    };
-    let result = match reader_thread {
-        Err(e) => {
-            backup.abort(format!("cannot start the background reader: {e}"));
-            Err(backup.abort_reason().unwrap_or_default())
-        }
-        Ok(t) => {
-            let framed = FramedWriter::new(&stream, Some(Arc::clone(&backup)));
-            let result = match StreamSink::new(framed, &backup) {
-                Ok(sink) => backup.run_writer(sink),
-                Err(e) => {
-                    backup.abort(format!("writing the cluster stream failed: {e}"));
-                    Err(backup.abort_reason().unwrap_or_default())
-                }
-            };
-            let _ = t.join();
-            result
-        }
-    };
-    engine.end(&backup);
+    let result = engine.run(&backup, |b| {
+        StreamSink::new(FramedWriter::new(&stream, Some(Arc::clone(&backup))), b)
+    });
     let stats = backup.stats();
     let status = match &result {
         Ok(()) => json!({"ok": true, "stats": stats.to_json()}),
@@ -298,7 +281,13 @@ impl BackupClient {
     /// running), the backup was aborted (its reason), the control
     /// connection broke, or `out` failed (the connection is then closed, so
     /// the server aborts the backup).
-    pub fn run(&self, out: &mut impl Write) -> Result<Stats, BackupFailure> {
+    ///
+    /// `out` is written by a thread of its own (see [`crate::relay`]): when
+    /// the server gives up on a consumer that is alive but does not read,
+    /// this returns soon after the server closes the connection, rather
+    /// than staying blocked on `out`; such a thread is then left blocked
+    /// (exit the process).
+    pub fn run<W: Write + Send + 'static>(&self, out: W) -> Result<Stats, BackupFailure> {
         let ctl = self.control.display().to_string();
         let conn = UnixStream::connect(&self.control)
             .map_err(|e| Failure::new(exit::IO, format!("{ctl}: cannot connect: {e}")))?;
@@ -314,7 +303,7 @@ impl BackupClient {
         }
         let mut w = &conn;
         let sent = write_line(&mut w, &request(&self.options));
-        let mut rd = BufReader::with_capacity(1 << 20, &conn);
+        let mut rd = BufReader::with_capacity(256 << 10, &conn);
         let reply = sent.and_then(|()| read_line(&mut rd, "reply"));
         if let Some(post) = &self.post {
             if let Err(e) = run_hook("post", post) {
@@ -333,26 +322,74 @@ impl BackupClient {
                 Failure::new(exit::IO, format!("{ctl}: server refused the backup: {why}")).into(),
             );
         }
-        match copy_frames(&mut rd, out) {
-            Ok(_) => {}
-            Err(FrameCopyError::Output(e)) => {
-                // Closing the connection (by returning) aborts the backup.
-                let _ = conn.shutdown(std::net::Shutdown::Both);
-                return Err(Failure::new(
-                    exit::IO,
-                    format!("stdout: {e}: the consumer is gone, backup aborted"),
-                )
-                .into());
+        let relay = Relay::start(out, &conn)
+            .map_err(|e| Failure::new(exit::IO, format!("cannot start a thread: {e}")))?;
+        let gone = |e: io::Error| -> BackupFailure {
+            // Closing the connection (by returning) aborts the backup.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            Failure::new(
+                exit::IO,
+                format!("stdout: {e}: the consumer is gone, backup aborted"),
+            )
+            .into()
+        };
+        // What the server had sent when it hung up while stdout was blocked.
+        let mut drained: Option<io::Cursor<Vec<u8>>> = None;
+        let broke_off = |e: io::Error, drained: bool| -> BackupFailure {
+            if let Some(out) = relay.output_error() {
+                return gone(out);
             }
-            Err(FrameCopyError::Input(e)) => {
-                return Err(Failure::new(
-                    exit::IO,
-                    format!("{ctl}: the cluster stream broke off: {e}"),
-                )
-                .into());
+            let why = if drained {
+                "the server closed the connection before the end of the stream while stdout was blocked (the consumer does not read): backup aborted".to_string()
+            } else {
+                format!("the cluster stream broke off: {e}")
+            };
+            Failure::new(exit::IO, format!("{ctl}: {why}")).into()
+        };
+        loop {
+            let src: &mut dyn BufRead = match drained.as_mut() {
+                Some(d) => d,
+                None => &mut rd,
+            };
+            let mut len = [0u8; 4];
+            if let Err(e) = src.read_exact(&mut len) {
+                return Err(broke_off(e, drained.is_some()));
+            }
+            let len = u32::from_be_bytes(len) as usize;
+            if len == 0 {
+                break;
+            }
+            if len > MAX_FRAME {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("frame of {len} bytes, more than {MAX_FRAME}"),
+                );
+                return Err(broke_off(e, false));
+            }
+            let mut chunk = relay.buffer(len);
+            if let Err(e) = src.read_exact(&mut chunk) {
+                return Err(broke_off(e, drained.is_some()));
+            }
+            let watch = if drained.is_none() { Some(&conn) } else { None };
+            match relay.push(chunk, watch) {
+                Ok(()) => {}
+                Err(Blocked::Output(e)) => return Err(gone(e)),
+                Err(Blocked::ServerHungUp) => {
+                    // All the server sent is in the socket: take it, so
+                    // the outcome is known without waiting for stdout.
+                    let mut rest = Vec::new();
+                    if let Err(e) = rd.read_to_end(&mut rest) {
+                        return Err(broke_off(e, true));
+                    }
+                    drained = Some(io::Cursor::new(rest));
+                }
             }
         }
-        let status = read_line(&mut rd, "final status").map_err(|e| {
+        let src: &mut dyn BufRead = match drained.as_mut() {
+            Some(d) => d,
+            None => &mut rd,
+        };
+        let status = read_line(&mut &mut *src, "final status").map_err(|e| {
             Failure::new(
                 exit::IO,
                 format!("{ctl}: no final status from the server: {e}"),
@@ -360,8 +397,13 @@ impl BackupClient {
         })?;
         let stats = status.get("stats").map(Stats::from_json);
         if status.get("ok").and_then(Value::as_bool) == Some(true) {
+            // A complete backup: the consumer gets it, however slowly.
+            relay.finish(None).map_err(gone)?;
             Ok(stats.unwrap_or_default())
         } else {
+            // Failed anyway: let the consumer see the abort record if it
+            // reads, but do not wait for one that does not.
+            let _ = relay.finish(Some(ABORT_GRACE));
             let why = status
                 .get("error")
                 .and_then(Value::as_str)

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nbd_server::{Backend, Extent, ZeroFlags};
 use vma_format::{clusters_for, zero::pack_cluster, BlockMask, Cluster, ClusterBuf, CLUSTER_SIZE};
 
+use crate::pace::{Clock, TokenBucket};
 use crate::queue::{CaptureQueue, PushError, Pushed};
 use crate::states::{ClusterState, ClusterStates};
 use crate::stats::{Counters, Stats};
@@ -103,7 +104,9 @@ pub struct BackupOptions {
     pub policy: Policy,
     /// Most bytes per second the background reader reads (`None`: as fast
     /// as the consumer takes them), so a backup leaves CPU and disk time
-    /// to the guests. Copy-before-write is never limited.
+    /// to the guests. Only the reader's own reads count (see
+    /// [`crate::pace`]): copy-before-write reads are never limited nor
+    /// charged, holes are not read at all.
     pub bwlimit: Option<u64>,
     /// Fleecing: a file (created by the backup, mode 0600, removed at its
     /// end; it must not exist) where copy-before-write puts old clusters
@@ -281,6 +284,67 @@ impl Engine {
         self.ended.notify_all();
     }
 
+    /// Runs `backup` (just begun) to its end: the background reader in its
+    /// own thread, the stream writer into the sink `make_sink` returns on
+    /// the calling thread, then [`end`](Self::end). Returns `Err(reason)`
+    /// unless the sink was finished.
+    ///
+    /// Whatever happens the backup ends, so a later one may begin: a panic
+    /// of the sink or the writer aborts it ("internal error: the stream
+    /// writer panicked: …") and is not propagated; a panic of the reader
+    /// aborts it too (see [`Backup::run_reader`]).
+    pub fn run<S, F>(&self, backup: &Arc<Backup>, make_sink: F) -> Result<(), String>
+    where
+        S: CaptureSink,
+        F: FnOnce(&Backup) -> io::Result<S>,
+    {
+        /// Ends the backup however this function is left.
+        struct Ender<'a>(&'a Engine, &'a Arc<Backup>);
+        impl Drop for Ender<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.1.abort("internal error: the backup thread panicked");
+                }
+                self.0.end(self.1);
+            }
+        }
+        let _ender = Ender(self, backup);
+        let reader = {
+            let backup = Arc::clone(backup);
+            std::thread::Builder::new()
+                .name("cbw-reader".into())
+                .spawn(move || backup.run_reader())
+        };
+        let reader = match reader {
+            Ok(t) => t,
+            Err(e) => {
+                backup.abort(format!("cannot start the background reader: {e}"));
+                return Err(backup.abort_reason().unwrap_or_default());
+            }
+        };
+        let written =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match make_sink(backup) {
+                Ok(sink) => backup.run_writer(sink),
+                Err(e) => {
+                    backup.abort(format!("writing the cluster stream failed: {e}"));
+                    Err(backup.abort_reason().unwrap_or_default())
+                }
+            }));
+        let result = written.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            backup.abort(format!(
+                "internal error: the stream writer panicked: {what}"
+            ));
+            Err(backup.abort_reason().unwrap_or_default())
+        });
+        let _ = reader.join();
+        result
+    }
+
     fn gate(&self) -> RwLockReadGuard<'_, Option<Arc<Backup>>> {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -358,6 +422,10 @@ pub struct Backup {
     abort_reason: Mutex<Option<String>>,
     counters: Counters,
     started: Instant,
+    /// The reader's `--bwlimit` sleeps wait here, so that the end of the
+    /// backup wakes them.
+    nap: Mutex<()>,
+    nap_cond: Condvar,
 }
 
 impl std::fmt::Debug for Backup {
@@ -409,6 +477,8 @@ impl Backup {
             over: AtomicBool::new(false),
             abort_reason: Mutex::new(None),
             started: Instant::now(),
+            nap: Mutex::new(()),
+            nap_cond: Condvar::new(),
         }
     }
 
@@ -485,6 +555,8 @@ impl Backup {
 
     fn wake_all(&self) {
         self.queue.abort();
+        drop(lock(&self.nap));
+        self.nap_cond.notify_all();
         for e in &self.exports {
             // Take the mutex so no waiter can miss the wake-up between its
             // check of `over` and its wait.
@@ -642,6 +714,9 @@ impl Backup {
             Ok((mask, used)) => {
                 self.counters.cbw_reads.fetch_add(1, Ordering::Relaxed);
                 self.counters.bytes_read[index].fetch_add(valid as u64, Ordering::Relaxed);
+                self.counters
+                    .cbw_bytes
+                    .fetch_add(valid as u64, Ordering::Relaxed);
                 data.truncate(used);
                 Ok(ClusterBuf {
                     dev_id: (index + 1) as u8,
@@ -700,7 +775,18 @@ impl Backup {
     /// Copies every cluster nobody has copied yet, export by export in
     /// cluster order, then closes the queue. Returns early when the backup
     /// is aborted; a read error aborts it. Run it in its own thread.
+    /// `--bwlimit` paces it with the real clock (see [`crate::pace`]).
     pub fn run_reader(&self) {
+        let clock = NapClock {
+            backup: self,
+            start: Instant::now(),
+        };
+        self.run_reader_with_clock(&clock);
+    }
+
+    /// [`run_reader`](Self::run_reader) with `--bwlimit` measured and slept
+    /// by `clock` (tests simulate time with it).
+    pub fn run_reader_with_clock(&self, clock: &dyn Clock) {
         /// If the reader ends without closing the queue (a panic), the
         /// writer must not wait forever: abort.
         struct Guard<'a>(&'a Backup, bool);
@@ -714,7 +800,11 @@ impl Backup {
         }
         let mut guard = Guard(self, false);
         lower_thread_priority();
-        let start = Instant::now();
+        let mut pacer = self
+            .options
+            .bwlimit
+            .filter(|&l| l > 0)
+            .map(|l| TokenBucket::new(l, READER_BATCH * CS, clock.now()));
         let mut raw = vec![0u8; (READER_BATCH * CS) as usize];
         let mut pending: Vec<(usize, u64)> = Vec::new();
         for (index, ex) in self.exports.iter().enumerate() {
@@ -724,6 +814,17 @@ impl Backup {
                     return;
                 }
                 let end = (c + READER_BATCH).min(ex.clusters);
+                // Wait for the budget before claiming anything: a guest
+                // write must never wait for the reader's pacing.
+                if let Some(p) = pacer.as_mut() {
+                    let uncopied = {
+                        let st = lock(&ex.states);
+                        (c..end).any(|k| st.get(k) == ClusterState::NotCopied)
+                    };
+                    if uncopied && !self.pace(p, (end - c) * CS, clock) {
+                        return;
+                    }
+                }
                 let mut claimed = 0u64; // bit i: cluster c + i
                 {
                     let mut st = lock(&ex.states);
@@ -739,13 +840,13 @@ impl Backup {
                     }
                 }
                 if claimed != 0 {
-                    if self
-                        .copy_batch(index, c, end - c, claimed, &mut raw)
-                        .is_err()
-                    {
+                    let now = pacer.as_ref().map(|_| clock.now());
+                    let Ok(read) = self.copy_batch(index, c, end - c, claimed, &mut raw) else {
                         return;
+                    };
+                    if let (Some(p), Some(now)) = (pacer.as_mut(), now) {
+                        p.take(read, now);
                     }
-                    self.pace(start);
                 }
                 c = end;
             }
@@ -767,10 +868,27 @@ impl Backup {
                         st.waiters -= 1;
                     }
                     ClusterState::NotCopied => {
+                        // Pace without holding the lock or the cluster, then
+                        // look again.
+                        if let Some(p) = pacer.as_mut() {
+                            let now = clock.now();
+                            if !p.wait_for(CS, now).is_zero() {
+                                drop(st);
+                                if !self.pace(p, CS, clock) {
+                                    return;
+                                }
+                                st = lock(&ex.states);
+                                continue;
+                            }
+                        }
                         st.set(k, ClusterState::Copying);
                         drop(st);
-                        if self.copy_batch(index, k, 1, 1, &mut raw).is_err() {
+                        let now = pacer.as_ref().map(|_| clock.now());
+                        let Ok(read) = self.copy_batch(index, k, 1, 1, &mut raw) else {
                             return;
+                        };
+                        if let (Some(p), Some(now)) = (pacer.as_mut(), now) {
+                            p.take(read, now);
                         }
                         break;
                     }
@@ -781,28 +899,31 @@ impl Backup {
         guard.1 = true;
     }
 
-    /// Sleeps while the reader is ahead of `--bwlimit` (bytes it read
-    /// since `start`).
-    fn pace(&self, start: Instant) {
-        let Some(limit) = self.options.bwlimit.filter(|&l| l > 0) else {
-            return;
-        };
-        let read: u64 = self
-            .counters
-            .bytes_read
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .sum();
-        let due = start + Duration::from_secs_f64(read as f64 / limit as f64);
-        let now = Instant::now();
-        if due > now {
-            // Sleep in slices so an abort is noticed soon.
-            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+    /// Waits until `bucket` holds `need` bytes, as long as that takes, in
+    /// as few sleeps as the clock allows; `false` if the backup ended
+    /// meanwhile.
+    fn pace(&self, bucket: &mut TokenBucket, need: u64, clock: &dyn Clock) -> bool {
+        loop {
+            if self.is_over() {
+                return false;
+            }
+            let wait = bucket.wait_for(need, clock.now());
+            if wait.is_zero() {
+                return true;
+            }
+            let t0 = clock.now();
+            clock.sleep(wait);
+            let slept = clock.now().saturating_sub(t0);
+            self.counters.pace_wait_ns.fetch_add(
+                slept.as_nanos().min(u128::from(u64::MAX)) as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// Copies the claimed clusters (bits of `claimed`) of `first..first +
-    /// count`: holes without reading, each data run with one read.
+    /// count`: holes without reading, each data run with one read. Returns
+    /// the bytes read.
     fn copy_batch(
         &self,
         index: usize,
@@ -810,8 +931,9 @@ impl Backup {
         count: u64,
         claimed: u64,
         raw: &mut [u8],
-    ) -> Result<(), ()> {
+    ) -> Result<u64, ()> {
         let ex = &self.exports[index];
+        let mut read = 0u64;
         let holes = ex.hole_clusters(first, count) & claimed;
         let mut items: Vec<ClusterBuf> = Vec::with_capacity(count as usize);
         let mut i = 0;
@@ -849,6 +971,10 @@ impl Backup {
                 return Err(());
             }
             self.counters.bytes_read[index].fetch_add(len as u64, Ordering::Relaxed);
+            self.counters
+                .reader_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+            read += len as u64;
             for k in i..j {
                 let cn = first + k;
                 let off = ((k - i) * CS) as usize;
@@ -878,7 +1004,7 @@ impl Backup {
                 .reader_clusters
                 .fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(read)
     }
 
     // ------------------------------------------------------------------ writer
@@ -938,6 +1064,31 @@ impl Backup {
                 Err(reason)
             }
         }
+    }
+}
+
+/// The real clock for the reader's pacing; its sleeps end early when the
+/// backup ends.
+struct NapClock<'a> {
+    backup: &'a Backup,
+    start: Instant,
+}
+
+impl Clock for NapClock<'_> {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn sleep(&self, d: Duration) {
+        let b = self.backup;
+        let guard = lock(&b.nap);
+        // `over` is set under `abort_reason`, and `wake_all` takes `nap`
+        // before notifying, so a wake-up cannot slip in between this check
+        // and the wait.
+        let _ = b
+            .nap_cond
+            .wait_timeout_while(guard, d, |_| !b.is_over())
+            .unwrap_or_else(|e| e.into_inner());
     }
 }
 

@@ -16,7 +16,10 @@
 
 pub mod control;
 pub mod engine;
+pub mod lock;
+pub mod pace;
 pub mod queue;
+pub mod relay;
 pub mod serve;
 pub mod signals;
 pub mod sink;

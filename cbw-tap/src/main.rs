@@ -1,7 +1,8 @@
 //! `cbw-tap`: flags in, server or backup out. The work is in the library.
 
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -187,9 +188,15 @@ fn backup(client: &BackupClient, json: bool) -> i32 {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
         return exit::USAGE;
     }
-    let mut out = stdout.lock();
-    let result = client.run(&mut out);
-    let _ = out.flush();
+    // A descriptor of our own for the thread that writes the stream.
+    let out = match stdout.as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("cbw-tap backup: stdout: {e}");
+            return exit::IO;
+        }
+    };
+    let result = client.run(out);
     let (code, error, stats) = match result {
         Ok(stats) => (exit::OK, None, Some(stats)),
         Err(f) => (f.failure.code, Some(f.failure.message), f.stats.map(|s| *s)),

@@ -67,8 +67,9 @@ impl Tap {
     /// # Errors
     /// A one-line [`Failure`]: usage (code 2) for a bad export name (empty,
     /// unsafe as a file name, `vmstate`, repeated), the same image twice,
-    /// too many exports; I/O (code 3) for an image that cannot be opened or
-    /// is empty or too large, or a socket that cannot be bound.
+    /// too many exports; I/O (code 3) for an image that cannot be opened,
+    /// is in use (QEMU's image locks, see [`crate::lock`]), is empty or too
+    /// large, or a socket that cannot be bound.
     pub fn start(cfg: &ServeConfig) -> Result<Tap, Failure> {
         if cfg.exports.is_empty() {
             return Err(Failure::new(exit::USAGE, "no exports given (NAME=IMAGE)"));
@@ -113,6 +114,10 @@ impl Tap {
                     format!("{p}: the same image is given twice"),
                 ));
             }
+            // QEMU's locks (after the check above: our own second open of
+            // the same image would conflict with the first).
+            crate::lock::lock_for_writing(backend.file())
+                .map_err(|e| Failure::new(exit::IO, format!("{p}: {e}")))?;
             let size = backend.size();
             if size == 0 || size > MAX_DEVICE_SIZE {
                 return Err(Failure::new(

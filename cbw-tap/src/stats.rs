@@ -14,6 +14,9 @@ pub(crate) struct Counters {
     pub cbw_reads: AtomicU64,
     pub cbw_holes: AtomicU64,
     pub bytes_read: Vec<AtomicU64>,
+    pub reader_bytes: AtomicU64,
+    pub cbw_bytes: AtomicU64,
+    pub pace_wait_ns: AtomicU64,
     pub emitted: AtomicU64,
     pub bytes_emitted: AtomicU64,
     pub writes_delayed: AtomicU64,
@@ -34,6 +37,9 @@ impl Counters {
             cbw_reads: AtomicU64::new(0),
             cbw_holes: AtomicU64::new(0),
             bytes_read: (0..exports).map(|_| AtomicU64::new(0)).collect(),
+            reader_bytes: AtomicU64::new(0),
+            cbw_bytes: AtomicU64::new(0),
+            pace_wait_ns: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
             bytes_emitted: AtomicU64::new(0),
             writes_delayed: AtomicU64::new(0),
@@ -66,6 +72,9 @@ impl Counters {
                 .into_iter()
                 .zip(self.bytes_read.iter().map(get))
                 .collect(),
+            reader_bytes_read: get(&self.reader_bytes),
+            cbw_bytes_read: get(&self.cbw_bytes),
+            reader_pace_wait: Duration::from_nanos(get(&self.pace_wait_ns)),
             clusters_emitted: get(&self.emitted),
             bytes_emitted: get(&self.bytes_emitted),
             guest_writes_delayed: get(&self.writes_delayed),
@@ -94,8 +103,16 @@ pub struct Stats {
     pub cbw_reads: u64,
     /// Clusters captured by copy-before-write that were holes (no read).
     pub cbw_hole_clusters: u64,
-    /// Bytes read from each image (export name, bytes), in device order.
+    /// Bytes read from each image (export name, bytes), in device order:
+    /// by the background reader and by copy-before-write together.
     pub bytes_read: Vec<(String, u64)>,
+    /// Bytes the background reader read, all images together: what
+    /// `--bwlimit` limits.
+    pub reader_bytes_read: u64,
+    /// Bytes copy-before-write read, all images together: never limited.
+    pub cbw_bytes_read: u64,
+    /// Time the background reader waited for `--bwlimit`.
+    pub reader_pace_wait: Duration,
     /// Cluster records handed to the stream.
     pub clusters_emitted: u64,
     /// Bytes of cluster stream written (preamble, records, end or abort).
@@ -130,6 +147,9 @@ impl Stats {
             "bytes_read": self.bytes_read.iter()
                 .map(|(n, b)| json!({"device": n, "bytes": b}))
                 .collect::<Vec<_>>(),
+            "reader_bytes_read": self.reader_bytes_read,
+            "cbw_bytes_read": self.cbw_bytes_read,
+            "reader_pace_wait_seconds": self.reader_pace_wait.as_secs_f64(),
             "clusters_emitted": self.clusters_emitted,
             "bytes_emitted": self.bytes_emitted,
             "guest_writes_delayed": self.guest_writes_delayed,
@@ -177,6 +197,9 @@ impl Stats {
                         .collect()
                 })
                 .unwrap_or_default(),
+            reader_bytes_read: n("reader_bytes_read"),
+            cbw_bytes_read: n("cbw_bytes_read"),
+            reader_pace_wait: d("reader_pace_wait_seconds"),
             clusters_emitted: n("clusters_emitted"),
             bytes_emitted: n("bytes_emitted"),
             guest_writes_delayed: n("guest_writes_delayed"),
@@ -207,6 +230,13 @@ impl fmt::Display for Stats {
         for (name, bytes) in &self.bytes_read {
             writeln!(f, "read from {name}: {bytes} bytes")?;
         }
+        writeln!(
+            f,
+            "read: {} bytes by the background reader (--bwlimit applies; it waited {:.3} s for it), {} bytes by copy-before-write (never limited)",
+            self.reader_bytes_read,
+            self.reader_pace_wait.as_secs_f64(),
+            self.cbw_bytes_read
+        )?;
         writeln!(f, "stream: {} bytes emitted", self.bytes_emitted)?;
         if self.spilled_clusters > 0 {
             writeln!(

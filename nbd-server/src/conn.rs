@@ -5,10 +5,12 @@ use std::borrow::Cow;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::backend::{nbd_errno, Backend, ZeroFlags};
+use crate::limits::Limits;
 use crate::proto::*;
-use crate::{MAX_OPTION_PAYLOAD, MAX_PAYLOAD, MAX_STRING, PREFERRED_BLOCK_SIZE};
+use crate::{MAX_OPTION_PAYLOAD, MAX_PAYLOAD, MAX_STRING, PREFERRED_BLOCK_SIZE, READ_CHUNK};
 
 /// A named export as the connection sees it.
 pub(crate) struct Export {
@@ -89,11 +91,60 @@ fn write_two<W: Write>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> 
     w.write_all(b)
 }
 
-/// Reads and discards exactly `len` bytes.
-fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
-    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
-    if copied < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+/// Reads and discards exactly `len` bytes, by `deadline` if given.
+fn drain<R: Read>(
+    r: &mut BufReader<R>,
+    limits: &Limits,
+    mut len: u64,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    let mut scratch = [0u8; 16384];
+    while len > 0 {
+        let n = len.min(scratch.len() as u64) as usize;
+        read_by(r, limits, &mut scratch[..n], deadline)?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Whether a read error is the socket's receive timeout (the server sets
+/// it to a short tick in transmission, so that waits can check deadlines
+/// without a system call per request).
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Fills `buf` from `r`; with a `deadline`, fails with `TimedOut` once it
+/// has passed and the bytes have not all arrived (checked after every read
+/// and at every tick of the socket's receive timeout). Bytes already
+/// buffered cost no system call.
+fn read_by<R: Read>(
+    r: &mut BufReader<R>,
+    limits: &Limits,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    if r.buffer().len() >= buf.len() {
+        return r.read_exact(buf);
+    }
+    let mut filled = 0;
+    while filled < buf.len() {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            limits.timed_out.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped sending in the middle of a request",
+            ));
+        }
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_tick(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -176,15 +227,34 @@ pub(crate) struct Connection<'a, R: Read, W: Write> {
     /// Export for which `base:allocation` was selected by the last
     /// `NBD_OPT_SET_META_CONTEXT`.
     meta_export: Option<usize>,
-    /// Option payloads and request data; reused, grows to at most
-    /// `MAX_PAYLOAD`.
+    /// Option payloads, request and reply data; reused, grows to at most
+    /// [`READ_CHUNK`] (larger writes borrow from the server's payload
+    /// budget, larger reads are sent in pieces).
     buf: Vec<u8>,
+    /// Capacity of `buf` counted in the server's buffered bytes.
+    accounted: usize,
     /// Replies being assembled; reused.
     out: Vec<u8>,
+    limits: &'a Limits,
+}
+
+impl<R: Read, W: Write> Drop for Connection<'_, R, W> {
+    fn drop(&mut self) {
+        self.limits.shrink(self.accounted);
+    }
 }
 
 impl<'a, R: Read, W: Write> Connection<'a, R, W> {
-    pub(crate) fn new(rd: R, wr: W, exports: &'a [Export], stopping: &'a AtomicBool) -> Self {
+    /// A connection reading `rd` and writing `wr`, under the server's
+    /// `limits`. In transmission, `rd` may time out (a tick, see
+    /// [`crate::server`]): waits simply go on, checking request deadlines.
+    pub(crate) fn new(
+        rd: R,
+        wr: W,
+        exports: &'a [Export],
+        stopping: &'a AtomicBool,
+        limits: &'a Limits,
+    ) -> Self {
         Connection {
             rd: BufReader::with_capacity(64 * 1024, rd),
             wr,
@@ -195,7 +265,19 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
             structured: false,
             meta_export: None,
             buf: Vec::new(),
+            accounted: 0,
             out: Vec::with_capacity(4096),
+            limits,
+        }
+    }
+
+    /// Makes `buf` `len` bytes long, counting what it allocates.
+    fn resize_buf(&mut self, len: usize) {
+        self.buf.resize(len, 0);
+        let cap = self.buf.capacity();
+        if cap > self.accounted {
+            self.limits.grow(cap - self.accounted);
+            self.accounted = cap;
         }
     }
 
@@ -259,13 +341,13 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                 if len > MAX_DRAINED_OPTION {
                     return Err(protocol_error("option payload too large"));
                 }
-                drain(&mut self.rd, u64::from(len))?;
+                drain(&mut self.rd, self.limits, u64::from(len), None)?;
                 self.option_reply(opt, REP_ERR_TOO_BIG, b"option payload too large");
                 self.send_out()?;
                 continue;
             }
             let len = len as usize;
-            self.buf.resize(len, 0);
+            self.resize_buf(len);
             self.rd.read_exact(&mut self.buf[..len])?;
 
             if self.stopping.load(Ordering::Relaxed) && opt != OPT_ABORT {
@@ -487,18 +569,21 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
         let block_status_ok = self.meta_export == Some(export);
         loop {
             let mut hdr = [0u8; 28];
-            // EOF right at a request boundary is a (rude but) clean end.
+            // Idle between requests: no deadline, ticks are ignored. EOF
+            // right at a request boundary is a (rude but) clean end.
             let first = loop {
                 match self.rd.read(&mut hdr[..1]) {
                     Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted || is_tick(&e) => {}
                     Err(e) => return Err(e),
                 }
             };
             if first == 0 {
                 return Ok(());
             }
-            self.rd.read_exact(&mut hdr[1..])?;
+            // From its first byte, the whole request must arrive in time.
+            let deadline = self.limits.request_timeout.map(|t| Instant::now() + t);
+            read_by(&mut self.rd, self.limits, &mut hdr[1..], deadline)?;
             let magic = u32::from_be_bytes(hdr[..4].try_into().unwrap());
             let flags = u16::from_be_bytes(hdr[4..6].try_into().unwrap());
             let cmd = u16::from_be_bytes(hdr[6..8].try_into().unwrap());
@@ -531,36 +616,43 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                         Ok(())
                     };
                     match check {
-                        Ok(()) => {
-                            let len = len as usize;
-                            if self.buf.len() < len {
-                                self.buf.resize(len, 0);
-                            }
-                            match backend.read_at(&mut self.buf[..len], offset) {
-                                Ok(()) => {
-                                    self.send_read_data(handle, offset, len)?;
-                                    continue;
-                                }
-                                Err(e) => Err(backend_failure("read failed", e, false)),
-                            }
-                        }
+                        Ok(()) => match self.send_read(backend, handle, offset, len as usize)? {
+                            None => continue,
+                            Some(f) => Err(f),
+                        },
                         Err(f) => Err(f),
                     }
                 }
                 CMD_WRITE => {
                     if len as usize > MAX_PAYLOAD {
                         // Never buffer an oversized payload: skip it.
-                        drain(&mut self.rd, u64::from(len))?;
+                        drain(&mut self.rd, self.limits, u64::from(len), deadline)?;
                         Err(fail(
                             EINVAL,
                             "write larger than the maximum payload (32 MiB)",
                         ))
                     } else {
                         let len = len as usize;
-                        if self.buf.len() < len {
-                            self.buf.resize(len, 0);
+                        // Small payloads use the connection's buffer; large
+                        // ones wait for room in the server's budget (and
+                        // then get the full time to arrive).
+                        let mut big = None;
+                        if len <= READ_CHUNK {
+                            if self.buf.len() < len {
+                                self.resize_buf(len);
+                            }
+                            read_by(&mut self.rd, self.limits, &mut self.buf[..len], deadline)?;
+                        } else {
+                            let limits = self.limits;
+                            let mut p = limits.payload(len);
+                            let deadline = limits.request_timeout.map(|t| Instant::now() + t);
+                            read_by(&mut self.rd, self.limits, &mut p.data, deadline)?;
+                            big = Some(p);
                         }
-                        self.rd.read_exact(&mut self.buf[..len])?;
+                        let data = match &big {
+                            Some(p) => &p.data[..],
+                            None => &self.buf[..len],
+                        };
                         if flags & !CMD_FLAG_FUA != 0 {
                             Err(fail(EINVAL, "unsupported flags for WRITE"))
                         } else if backend.read_only() {
@@ -571,7 +663,7 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
                             Err(fail(ENOSPC, "write beyond the end of the export"))
                         } else {
                             backend
-                                .write_at(&self.buf[..len], offset, fua)
+                                .write_at(data, offset, fua)
                                 .map_err(|e| backend_failure("write failed", e, false))
                         }
                     }
@@ -712,25 +804,66 @@ impl<'a, R: Read, W: Write> Connection<'a, R, W> {
         self.send_out()
     }
 
-    /// Sends `buf[..len]`, read from `offset`, as the whole successful reply.
-    fn send_read_data(&mut self, handle: u64, offset: u64, len: usize) -> io::Result<()> {
-        if self.structured {
-            let mut hdr = [0u8; 28];
-            hdr[..20].copy_from_slice(&Self::chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                handle,
-                8 + len as u32,
-            ));
-            hdr[20..].copy_from_slice(&offset.to_be_bytes());
-            write_two(&mut self.wr, &hdr, &self.buf[..len])?;
-        } else {
-            let mut hdr = [0u8; 16];
-            hdr[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            hdr[8..].copy_from_slice(&handle.to_be_bytes());
-            write_two(&mut self.wr, &hdr, &self.buf[..len])?;
+    /// Reads `offset..offset + len` from `backend` and sends it, in pieces
+    /// of at most [`READ_CHUNK`] bytes, so that a connection never holds
+    /// more than one piece whatever the request's size.
+    ///
+    /// With structured replies each piece is an `OFFSET_DATA` chunk, the
+    /// last one flagged `DONE`; a read error after some pieces were sent
+    /// ends the reply with an error chunk. Simple replies carry one header
+    /// before all the data, so a read error in a later piece can only be
+    /// reported by closing the connection (`Err`). `Ok(Some)`: the read
+    /// failed before anything was sent; the caller sends the error.
+    fn send_read(
+        &mut self,
+        backend: &dyn Backend,
+        handle: u64,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<Failure>> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(READ_CHUNK);
+            if self.buf.len() < n {
+                self.resize_buf(n);
+            }
+            let at = offset + done as u64;
+            if let Err(e) = backend.read_at(&mut self.buf[..n], at) {
+                let f = backend_failure("read failed", e, false);
+                if done == 0 {
+                    return Ok(Some(f));
+                }
+                if !self.structured {
+                    return Err(io::Error::other(
+                        "read failed after part of a simple reply was sent",
+                    ));
+                }
+                self.send_error(handle, &f)?;
+                return Ok(None);
+            }
+            let last = done + n == len;
+            if self.structured {
+                let mut hdr = [0u8; 28];
+                hdr[..20].copy_from_slice(&Self::chunk_header(
+                    if last { REPLY_FLAG_DONE } else { 0 },
+                    REPLY_TYPE_OFFSET_DATA,
+                    handle,
+                    8 + n as u32,
+                ));
+                hdr[20..].copy_from_slice(&at.to_be_bytes());
+                write_two(&mut self.wr, &hdr, &self.buf[..n])?;
+            } else if done == 0 {
+                let mut hdr = [0u8; 16];
+                hdr[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                hdr[8..].copy_from_slice(&handle.to_be_bytes());
+                write_two(&mut self.wr, &hdr, &self.buf[..n])?;
+            } else {
+                self.wr.write_all(&self.buf[..n])?;
+            }
+            done += n;
         }
-        self.wr.flush()
+        self.wr.flush()?;
+        Ok(None)
     }
 
     /// Sends the backend's extents, clipped to the request, merged where

@@ -57,9 +57,13 @@
 //! - **Commands:** `READ`, `WRITE` (FUA), `FLUSH`, `TRIM` (FUA = flush
 //!   after), `WRITE_ZEROES` (`NO_HOLE`, `FAST_ZERO`, FUA), `BLOCK_STATUS`
 //!   (`REQ_ONE`), `CACHE`, `DISC`. With structured replies, a read is answered
-//!   with one `NBD_REPLY_TYPE_OFFSET_DATA` chunk (holes are sent as data;
-//!   `OFFSET_HOLE` is optional and not used) and errors with
-//!   `NBD_REPLY_TYPE_ERROR` chunks carrying a message; without, simple replies.
+//!   with one `NBD_REPLY_TYPE_OFFSET_DATA` chunk per [`READ_CHUNK`] (256 KiB)
+//!   piece, in order, the last flagged `DONE` (holes are sent as data;
+//!   `OFFSET_HOLE` is optional and not used), and errors with
+//!   `NBD_REPLY_TYPE_ERROR` chunks carrying a message (also after some
+//!   pieces of a read were sent); without, simple replies (a read error after
+//!   the first piece of a simple reply closes the connection, the only way
+//!   left to report it).
 //!   Block status is clipped to the requested range, adjacent extents of equal
 //!   status are merged, and at most 65536 descriptors are sent.
 //! - **Errors:** out-of-range reads, trims, caches and block status get
@@ -73,11 +77,21 @@
 //! - **Limits on clients:** option payloads above [`MAX_OPTION_PAYLOAD`]
 //!   (64 KiB) are drained and refused with `NBD_REP_ERR_TOO_BIG` (above
 //!   16 MiB the connection is dropped); export names above 4096 bytes in
-//!   `EXPORT_NAME` drop the connection. Per connection the server keeps one
-//!   buffer, which grows to the largest request seen (at most 32 MiB). A
-//!   client that stalls for [`DEFAULT_HANDSHAKE_TIMEOUT`] (30 s, see
-//!   [`Server::set_handshake_timeout`]) during the handshake is dropped; in
-//!   transmission there is no timeout.
+//!   `EXPORT_NAME` drop the connection. At most [`DEFAULT_MAX_CONNECTIONS`]
+//!   (64, [`Server::set_max_connections`]) are served at once; one more is
+//!   closed as soon as it is accepted. Memory: per connection a 64 KiB read
+//!   buffer and one data buffer of at most [`READ_CHUNK`] (256 KiB; reads are
+//!   sent in pieces of that size); write payloads above it share one budget
+//!   of [`DEFAULT_PAYLOAD_MEMORY`] (64 MiB, [`Server::set_payload_memory`])
+//!   and wait for room — so 24 clients each reading 32 MiB hold 24 × 256 KiB,
+//!   not 24 × 32 MiB ([`ServerHandle::stats`] counts the bytes). A client
+//!   that stalls for [`DEFAULT_HANDSHAKE_TIMEOUT`] (30 s, see
+//!   [`Server::set_handshake_timeout`]) during the handshake is dropped, and
+//!   so is one whose request (header or write payload) stops arriving
+//!   half-way for [`DEFAULT_REQUEST_TIMEOUT`] (30 s from its first byte, checked
+//!   at least every second without a system call per request;
+//!   [`Server::set_request_timeout`]); between requests a client may stay
+//!   idle forever.
 //!
 //! # Serving
 //!
@@ -93,18 +107,26 @@
 mod backend;
 mod conn;
 mod file;
+mod limits;
 mod proto;
 mod server;
 
 pub use backend::{Backend, Extent, ZeroFlags};
 pub use file::FileBackend;
 pub use server::{
-    bind_unix_socket, ExportError, Listener, Server, ServerHandle, DEFAULT_HANDSHAKE_TIMEOUT,
+    bind_unix_socket, ExportError, Listener, Server, ServerHandle, ServerStats,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PAYLOAD_MEMORY,
+    DEFAULT_REQUEST_TIMEOUT,
 };
 
 /// Largest read or write payload accepted in one request: 32 MiB, advertised
 /// as the maximum block size.
 pub const MAX_PAYLOAD: usize = 32 * 1024 * 1024;
+
+/// Largest piece of data a connection reads from its backend and sends at
+/// once (256 KiB): larger reads are sent in pieces, so memory does not grow
+/// with the size of the requests clients make.
+pub const READ_CHUNK: usize = 256 * 1024;
 
 /// Preferred block size advertised to clients.
 pub const PREFERRED_BLOCK_SIZE: u32 = 4096;

@@ -18,6 +18,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::backend::Backend;
 use crate::conn::{Connection, Export};
+use crate::limits::Limits;
 use crate::MAX_STRING;
 
 /// Why an export could not be added to a [`Server`].
@@ -57,6 +58,9 @@ pub enum ExportError {
 pub struct Server {
     exports: Vec<Export>,
     handshake_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    max_connections: usize,
+    payload_memory: usize,
 }
 
 impl Default for Server {
@@ -64,12 +68,47 @@ impl Default for Server {
         Server {
             exports: Vec::new(),
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            payload_memory: DEFAULT_PAYLOAD_MEMORY,
         }
     }
 }
 
 /// How long a client may take over the whole handshake by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long, by default, a request may take to arrive once its first byte
+/// has (header and payload).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections served at once by default; more are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// Bytes that write payloads larger than [`crate::READ_CHUNK`] may take
+/// together by default (all connections); more wait for room.
+pub const DEFAULT_PAYLOAD_MEMORY: usize = 64 << 20;
+
+/// How often a read waiting in the middle of a request checks its
+/// deadline: a tenth of the request timeout, at most a second.
+fn tick(request_timeout: Duration) -> Duration {
+    (request_timeout / 10).clamp(Duration::from_millis(1), Duration::from_secs(1))
+}
+
+/// Counters of a running server (see [`ServerHandle::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub connections: usize,
+    /// Connections closed at once because the maximum was reached.
+    pub refused_connections: u64,
+    /// Connections dropped because a request stopped arriving half-way.
+    pub timed_out_requests: u64,
+    /// Bytes of request and reply data buffers held now, all connections.
+    pub buffered_bytes: usize,
+    /// The most that were ever held at once.
+    pub peak_buffered_bytes: usize,
+}
 
 impl Server {
     /// A server with no exports and the [`DEFAULT_HANDSHAKE_TIMEOUT`].
@@ -84,6 +123,36 @@ impl Server {
     /// A zero duration is treated as `None`.
     pub fn set_handshake_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
         self.handshake_timeout = timeout.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Limits how long a request may take to arrive once its first byte has
+    /// (`None`: forever): a client that stops half-way through a request
+    /// header or a write payload is disconnected then, so it cannot hold a
+    /// thread and a buffer forever. Between requests there is no limit.
+    /// Default [`DEFAULT_REQUEST_TIMEOUT`]; zero means `None`.
+    pub fn set_request_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.request_timeout = timeout.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Most connections served at once (at least 1); a client connecting
+    /// beyond it is accepted and closed at once. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn set_max_connections(&mut self, max: usize) -> &mut Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Bytes that write payloads larger than [`crate::READ_CHUNK`] may
+    /// occupy at once, all connections together (at least
+    /// [`crate::MAX_PAYLOAD`], so every valid write fits); a large write
+    /// waits for room before its payload is read. With reads sent in
+    /// pieces, the server's data buffers stay below this plus
+    /// [`crate::READ_CHUNK`] per connection. Default
+    /// [`DEFAULT_PAYLOAD_MEMORY`].
+    pub fn set_payload_memory(&mut self, bytes: usize) -> &mut Self {
+        self.payload_memory = bytes.max(crate::MAX_PAYLOAD);
         self
     }
 
@@ -163,6 +232,8 @@ impl Server {
         let shared = Arc::new(Shared {
             exports: self.exports,
             handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
+            limits: Limits::new(self.request_timeout, self.payload_memory),
             stopping: AtomicBool::new(false),
             wake_rx,
             next_id: AtomicU64::new(0),
@@ -274,6 +345,8 @@ pub fn bind_unix_socket(path: &Path) -> io::Result<UnixListener> {
 struct Shared {
     exports: Vec<Export>,
     handshake_timeout: Option<Duration>,
+    max_connections: usize,
+    limits: Limits,
     stopping: AtomicBool,
     /// Becomes readable (EOF) when the handle shuts `wake_tx` down.
     wake_rx: UnixStream,
@@ -410,6 +483,11 @@ impl Drop for OpenGuard<'_> {
 }
 
 fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
+    if lock(&shared.open).len() >= shared.max_connections {
+        shared.limits.refused.fetch_add(1, Ordering::Relaxed);
+        stream.shutdown();
+        return;
+    }
     // Two handles on the socket for the connection (reader, writer) and one
     // kept to shut it down from `disconnect_all`.
     let (Ok(reader), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
@@ -431,11 +509,20 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
                 id,
             };
             // A connection's end, clean or not, concerns only that client.
-            let clear_timeout = stream.try_clone();
-            let conn = Connection::new(reader, stream, &shared2.exports, &shared2.stopping);
+            let timeouts = stream.try_clone();
+            let conn = Connection::new(
+                reader,
+                stream,
+                &shared2.exports,
+                &shared2.stopping,
+                &shared2.limits,
+            );
             let _ = conn.run(|| {
-                if let Ok(s) = clear_timeout {
-                    let _ = s.set_read_timeout(None);
+                // In transmission the receive timeout is a tick at which a
+                // blocked read checks the request deadline (idle waits just
+                // go on): no system call per request.
+                if let Ok(s) = timeouts {
+                    let _ = s.set_read_timeout(shared2.limits.request_timeout.map(tick));
                 }
             });
         });
@@ -484,6 +571,20 @@ impl ServerHandle {
     /// Number of connections currently open.
     pub fn connection_count(&self) -> usize {
         lock(&self.shared.open).len()
+    }
+
+    /// The server's counters: connections, refused connections, requests
+    /// that timed out half-way, and buffered data bytes (now and peak).
+    pub fn stats(&self) -> ServerStats {
+        let l = &self.shared.limits;
+        let (buffered_bytes, peak_buffered_bytes) = l.buffered();
+        ServerStats {
+            connections: self.connection_count(),
+            refused_connections: l.refused.load(Ordering::Relaxed),
+            timed_out_requests: l.timed_out.load(Ordering::Relaxed),
+            buffered_bytes,
+            peak_buffered_bytes,
+        }
     }
 
     /// Waits until the server is stopped and every connection has ended.

@@ -311,14 +311,28 @@ impl Raw {
         }
     }
 
-    /// Structured read expected to succeed in one OFFSET_DATA chunk.
+    /// Structured read expected to succeed: OFFSET_DATA chunks covering the
+    /// range in order, each but the last of 256 KiB (the server's pieces),
+    /// the last one flagged DONE.
     pub fn read(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
         self.request(0, CMD_READ, handle, offset, len, &[]);
-        let c = self.chunk();
-        assert_eq!((c.flags, c.kind, c.handle), (1, TYPE_OFFSET_DATA, handle));
-        assert_eq!(&c.payload[..8], &offset.to_be_bytes());
-        assert_eq!(c.payload.len(), 8 + len as usize);
-        c.payload[8..].to_vec()
+        let mut data = Vec::with_capacity(len as usize);
+        loop {
+            let c = self.chunk();
+            let at = offset + data.len() as u64;
+            let piece = (len as usize - data.len()).min(256 * 1024);
+            let last = data.len() + piece == len as usize;
+            assert_eq!(
+                (c.flags, c.kind, c.handle),
+                (u16::from(last), TYPE_OFFSET_DATA, handle)
+            );
+            assert_eq!(&c.payload[..8], &at.to_be_bytes());
+            assert_eq!(c.payload.len(), 8 + piece);
+            data.extend_from_slice(&c.payload[8..]);
+            if last {
+                return data;
+            }
+        }
     }
 
     /// Write expected to succeed.
