@@ -9,74 +9,8 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{bin, fixtures, sha256_file};
+use common::{bin, fixtures, parse_expected, sha256_file};
 use vma_format::{HeaderBuilder, Writer, WriterOptions};
-
-/// One archive's section of EXPECTED.txt.
-#[derive(Debug, Default)]
-struct Expected {
-    list_stdout: String,
-    /// name -> (sha256, size)
-    files: BTreeMap<String, (String, u64)>,
-}
-
-fn parse_expected() -> BTreeMap<String, Expected> {
-    let text = fs::read_to_string(fixtures().join("pve/EXPECTED.txt")).unwrap();
-    let mut out: BTreeMap<String, Expected> = BTreeMap::new();
-    let mut current: Option<String> = None;
-    let mut mode = "";
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix("ARCHIVE ") {
-            current = Some(name.trim().to_string());
-            out.insert(name.trim().to_string(), Expected::default());
-            mode = "";
-            continue;
-        }
-        let Some(name) = &current else { continue };
-        let e = out.get_mut(name).unwrap();
-        if line.starts_with("$ ") {
-            mode = if line.contains("vma list") {
-                "list"
-            } else {
-                ""
-            };
-            continue;
-        }
-        if line.starts_with("  extracted files") {
-            mode = "files";
-            continue;
-        }
-        if line.starts_with("  ") && !line.starts_with("    ") {
-            if line.trim() == "stdout:" && mode == "list" {
-                mode = "list-stdout";
-            } else if mode != "list-stdout" || line.trim() != "stdout:" {
-                mode = if mode == "list-stdout" || mode == "files" {
-                    ""
-                } else {
-                    mode
-                };
-            }
-            continue;
-        }
-        if let Some(body) = line.strip_prefix("    ") {
-            match mode {
-                "list-stdout" => {
-                    e.list_stdout.push_str(body);
-                    e.list_stdout.push('\n');
-                }
-                "files" => {
-                    let parts: Vec<_> = body.split_whitespace().collect();
-                    e.files.insert(
-                        parts[2].to_string(),
-                        (parts[0].to_string(), parts[1].parse().unwrap()),
-                    );
-                }
-                _ => {}
-            }
-        }
-    }
-    out
-}
 
 fn decode(args: &[&str]) -> Output {
     Command::new(bin("vma-decode"))

@@ -2,6 +2,7 @@
 //! fixtures are, and generating source images with the fixtures' generator.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
@@ -112,4 +113,70 @@ pub fn run_example(name: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// One archive's section of `../shared/fixtures/pve/EXPECTED.txt`.
+#[derive(Debug, Default)]
+pub struct Expected {
+    pub list_stdout: String,
+    /// name -> (sha256, size)
+    pub files: BTreeMap<String, (String, u64)>,
+}
+
+pub fn parse_expected() -> BTreeMap<String, Expected> {
+    let text = std::fs::read_to_string(fixtures().join("pve/EXPECTED.txt")).unwrap();
+    let mut out: BTreeMap<String, Expected> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut mode = "";
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("ARCHIVE ") {
+            current = Some(name.trim().to_string());
+            out.insert(name.trim().to_string(), Expected::default());
+            mode = "";
+            continue;
+        }
+        let Some(name) = &current else { continue };
+        let e = out.get_mut(name).unwrap();
+        if line.starts_with("$ ") {
+            mode = if line.contains("vma list") {
+                "list"
+            } else {
+                ""
+            };
+            continue;
+        }
+        if line.starts_with("  extracted files") {
+            mode = "files";
+            continue;
+        }
+        if line.starts_with("  ") && !line.starts_with("    ") {
+            if line.trim() == "stdout:" && mode == "list" {
+                mode = "list-stdout";
+            } else if mode != "list-stdout" || line.trim() != "stdout:" {
+                mode = if mode == "list-stdout" || mode == "files" {
+                    ""
+                } else {
+                    mode
+                };
+            }
+            continue;
+        }
+        if let Some(body) = line.strip_prefix("    ") {
+            match mode {
+                "list-stdout" => {
+                    e.list_stdout.push_str(body);
+                    e.list_stdout.push('\n');
+                }
+                "files" => {
+                    let parts: Vec<_> = body.split_whitespace().collect();
+                    e.files.insert(
+                        parts[2].to_string(),
+                        (parts[0].to_string(), parts[1].parse().unwrap()),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    out
 }

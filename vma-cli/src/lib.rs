@@ -17,6 +17,7 @@ pub mod input;
 pub mod listing;
 pub mod lzop;
 pub mod progress;
+pub mod term_signals;
 
 use vma_format::{Error, ErrorClass};
 

@@ -6,9 +6,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use std::sync::{mpsc, Arc, Mutex};
 use vma_cli::input::Input;
+use vma_cli::term_signals::{signal_name, TermSignals};
 use vma_cli::{exit, listing, Failure, EXIT_CODES_HELP};
 use vma_decode::extract::{extract, missing_line, ExtractOptions, SALVAGE_REPORT};
+use vma_decode::serve::{self, ServeOptions, LOG};
 use vma_decode::stdout::{extract_to_stdout, DEFAULT_REORDER_BUFFER};
 use vma_format::{Archive, ReadOptions};
 
@@ -33,6 +36,25 @@ stops reading (EPIPE) is exit 3.
 
 Archives may be compressed (zstd, gzip/pigz, lzop: detected by their magic bytes). ";
 
+const SERVE_HELP: &str = "\
+Every device of ARCHIVE becomes a read-only NBD export named after it, read straight \
+from the archive: nothing is extracted. Clients:
+  qemu-img convert -f raw -O qcow2 'nbd+unix:///drive-scsi0?socket=PATH' vm.qcow2
+  nbdfuse DIR --unix PATH   (then DIR/nbd is the disk, for losetup/mount)
+  qemu-nbd -c /dev/nbd0 'nbd+unix:///drive-scsi0?socket=PATH'   (where the host has nbd devices)
+Once listening, prints one URI per export on stdout; logs on stderr. Runs until \
+SIGINT, SIGTERM or SIGHUP, then removes the socket and exits 0.
+
+A plain archive file is indexed by reading only its extent headers (with every check \
+`vma-verify` makes but those of the data); --save-index keeps the index beside it as \
+ARCHIVE.vmaidx, used by later runs while the archive's uuid, size and modification \
+time are unchanged (a stale or damaged index is refused with a warning and the \
+archive indexed again). A compressed archive, or one on a pipe (`-`), is decompressed \
+once into an unnamed file in --cache DIR, which must have room for the archive's \
+devices (--no-space-check: start anyway). Reads of data whose extent fails its data \
+checksum (archives written by vma-encode carry one) fail with EIO and are logged; \
+writes fail with EPERM. ";
+
 #[derive(Parser)]
 #[command(name = "vma-decode", version, about = "Lists and extracts Proxmox VMA archives", after_help = EXIT_CODES_HELP)]
 struct Cli {
@@ -42,6 +64,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve every device read-only over NBD, straight from the archive (no extract).
+    #[command(after_help = format!("{SERVE_HELP}{EXIT_CODES_HELP}"))]
+    Serve {
+        /// The archive (plain or compressed), or `-` for standard input.
+        archive: String,
+        /// NBD Unix socket to create (mode 0600).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Also serve over TCP on this address, e.g. 127.0.0.1:10809 (no TLS, no authentication).
+        #[arg(long, value_name = "ADDR:PORT")]
+        tcp: Option<std::net::SocketAddr>,
+        /// Directory to decompress a compressed archive (or copy one from a pipe) into.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Save the index beside a plain archive, as ARCHIVE.vmaidx.
+        #[arg(long)]
+        save_index: bool,
+        /// Start even if --cache DIR has less room than the archive's devices need.
+        #[arg(long, requires = "cache")]
+        no_space_check: bool,
+    },
     /// Print the configs, devices and creation time, exactly as Proxmox's `vma list`.
     List {
         /// The archive (plain or compressed), or `-` for standard input.
@@ -98,9 +141,75 @@ fn main() {
         std::process::exit(vma_decode::proxmox::main(args.collect()));
     }
     let cli = Cli::parse();
+    if let Command::Serve {
+        archive,
+        socket,
+        tcp,
+        cache,
+        save_index,
+        no_space_check,
+    } = cli.command
+    {
+        let opts = ServeOptions {
+            socket,
+            tcp,
+            cache,
+            save_index,
+            no_space_check,
+        };
+        if let Err(f) = serve(&archive, &opts) {
+            f.exit();
+        }
+        return;
+    }
     if let Err(f) = run(cli) {
         f.exit();
     }
+}
+
+/// `serve`: index, listen, print the URIs, wait for a signal, stop.
+fn serve(archive: &str, opts: &ServeOptions) -> Result<(), Failure> {
+    // Blocked before any thread starts, so every thread inherits the mask.
+    let signals = TermSignals::block();
+    // While indexing (a decompressing pass may take long), a signal ends the
+    // process at once: nothing is listening yet and the cache has no name.
+    // Once listening, it stops the server cleanly.
+    let listening = Arc::new(Mutex::new(false));
+    let (stop_tx, stop_rx) = mpsc::channel();
+    {
+        let listening = Arc::clone(&listening);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let sig = signals.wait();
+                let serving = listening.lock().unwrap_or_else(|e| e.into_inner());
+                if !*serving {
+                    eprintln!("{LOG}: {}: interrupted while indexing", signal_name(sig));
+                    std::process::exit(128 + sig);
+                }
+                let _ = stop_tx.send(sig);
+            })
+            .map_err(|e| Failure::io("cannot start a thread", &e))?;
+    }
+    let prepared = serve::prepare(archive, opts)?;
+    let serving = {
+        let mut state = listening.lock().unwrap_or_else(|e| e.into_inner());
+        let serving = prepared.listen(opts)?;
+        *state = true;
+        serving
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for uri in &serving.uris {
+        // A closed stdout is no reason to stop serving.
+        let _ = writeln!(out, "{uri}");
+    }
+    let _ = out.flush();
+    drop(out);
+    let sig = stop_rx.recv().unwrap_or(0);
+    eprintln!("{LOG}: {}: shutting down", signal_name(sig));
+    serving.shutdown();
+    Ok(())
 }
 
 fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Failure> {
@@ -151,6 +260,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (input, archive) = open(&archive, ReadOptions::default())?;
             extract_to_stdout(archive, &input, &devname, reorder_buffer, &mut out)?;
         }
+        Command::Serve { .. } => unreachable!("handled in main"),
         Command::Extract {
             archive,
             dir,
