@@ -1023,3 +1023,49 @@ fn vmstate_reads_as_extract_writes_it() {
     );
     s.stop();
 }
+
+/// A signal while the archive is still being copied into the cache ends
+/// the process at once (128 + the signal), with nothing left behind.
+#[test]
+fn a_signal_while_indexing_ends_it_at_once() {
+    use std::io::Write;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    fs::create_dir(&cache).unwrap();
+    let socket = work.path().join("nbd.sock");
+    let mut child = Command::new(bin("vma-decode"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The header and part of the first extent, then the pipe stays open.
+    let bytes = fs::read(fixtures().join("pve/full.vma")).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&bytes[..100_000]).unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("copying it into an unnamed file in"),
+        "{line}"
+    );
+    ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+    assert_eq!(
+        rest,
+        "vma-decode serve: SIGTERM: interrupted while indexing\n"
+    );
+    assert!(!socket.exists());
+    assert_eq!(fs::read_dir(&cache).unwrap().count(), 0);
+    drop(stdin);
+}
