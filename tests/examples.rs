@@ -11,8 +11,9 @@ fn every_example_is_tested() {
         .filter(|n| n.ends_with(".sh"))
         .collect();
     names.sort();
-    // demo.sh runs below; live-backup.sh runs in tests/cbw.rs (example_live_backup).
-    let tested = ["demo.sh", "live-backup.sh"];
+    // demo.sh and serve.sh run below; live-backup.sh runs in tests/cbw.rs
+    // (example_live_backup).
+    let tested = ["demo.sh", "live-backup.sh", "serve.sh"];
     for n in &names {
         assert!(
             tested.contains(&n.as_str()),
@@ -24,4 +25,12 @@ fn every_example_is_tested() {
 #[test]
 fn demo() {
     common::run_example("demo.sh");
+}
+
+/// The backup served as a disk: converted to qcow2 from it, a file read out
+/// of it through nbdfuse and qemu-nbd -c where the host allows (the example
+/// says what it skipped and why).
+#[test]
+fn serve() {
+    common::run_example("serve.sh");
 }
