@@ -2,14 +2,15 @@
 //! clusters pushed into a [`ClusterSink`].
 //!
 //! It never seeks, so it reads pipes. Memory is bounded: one extent's data
-//! (at most 59 × 64 KiB), and one bit per cluster actually present.
+//! (at most 59 × 64 KiB), and a [`ClusterSet`] per device: a few bytes per run
+//! of clusters present, whatever the header claims.
 
 use std::io::{self, Read};
 use std::ops::Range;
 use std::sync::mpsc;
 
-use crate::bitmap::ClusterBitmap;
 use crate::cluster::{BlockMask, Cluster};
+use crate::clusterset::ClusterSet;
 use crate::error::{Error, Location};
 use crate::extent::ExtentHeader;
 use crate::header::VmaHeader;
@@ -133,7 +134,7 @@ struct DeviceState {
     size: u64,
     clusters: u64,
     vmstate: bool,
-    seen: ClusterBitmap,
+    seen: ClusterSet,
     vmstate_next: u64,
 }
 
@@ -180,7 +181,7 @@ impl<R: Read> Archive<R> {
                 size: d.size,
                 clusters: d.clusters(),
                 vmstate: d.is_vmstate(),
-                seen: ClusterBitmap::new(if d.is_vmstate() { 0 } else { d.clusters() }),
+                seen: ClusterSet::new(if d.is_vmstate() { 0 } else { d.clusters() }),
                 vmstate_next: 0,
             });
         }
