@@ -31,11 +31,11 @@ trap 'rm -rf "$work"/out "$work"/sparse.raw "$work"/*.vma "$work"/*.stream' EXIT
 measure() { /usr/bin/time -f '%M %e' -o "$work/time" bash -c "$1" >/dev/null 2>"$work/err" || true; cat "$work/time" | tail -1; }
 row() {  # label, input bytes, command
   local r c
-  r=$(measure "$3"); c=$(measure "cat '$4' > /dev/null")
+  r=$(measure "$3"); cp "$work/err" "$work/err1"; c=$(measure "cat '$4' > /dev/null")
   local kib=${r% *} secs=${r#* }
   printf '%-44s %10s %9.1f MiB %7.2f s  (cat: %5.1f MiB)  %s\n' "$1" "$2" "$(echo "$kib / 1024" | bc -l)" \
     "$secs" "$(echo "${c% *} / 1024" | bc -l)" "$([ "$kib" -le 65536 ] && echo '<= 64 MiB ok' || echo 'OVER 64 MiB')"
-  sed -n 1p "$work/err" | cut -c1-120 | sed 's/^/    /'
+  sed -n 1p "$work/err1" | cut -c1-120 | sed 's/^/    /'
 }
 
 echo "== memory benchmark ($(nproc) cores; machine possibly shared)"
