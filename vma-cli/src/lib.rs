@@ -12,9 +12,12 @@
 //! | 4 | partial result: salvage extracted what it could, something is missing |
 
 pub mod cfmt;
+pub mod image_format;
 pub mod input;
 pub mod listing;
+pub mod pipe;
 pub mod progress;
+pub mod signals;
 
 use vma_format::{Error, ErrorClass};
 
@@ -80,9 +83,17 @@ impl Failure {
         Failure::new(exit::IO, format!("{what}: {err}"))
     }
 
-    /// Prints the message and exits.
+    /// An end without a message (e.g. exit 0 when the reader of
+    /// informational output has gone: see [`pipe`]).
+    pub fn quiet(code: i32) -> Failure {
+        Failure::new(code, "")
+    }
+
+    /// Prints the message (if any) and exits.
     pub fn exit(&self) -> ! {
-        eprintln!("{}", self.message);
+        if !self.message.is_empty() {
+            eprintln!("{}", self.message);
+        }
         std::process::exit(self.code)
     }
 }

@@ -70,7 +70,9 @@ fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Fa
 fn run(cli: Cli) -> Result<(), Failure> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let out_err = |e: std::io::Error| Failure::io("stdout", &e);
+    // list, config and extract's -v lines are informational: a reader that
+    // went away ends the tool quietly (vma_cli::pipe).
+    let out_err = |e: std::io::Error| vma_cli::pipe::info_failure(&e);
     match cli.command {
         Command::List { archive } => {
             let (_, archive) = open(&archive, ReadOptions::default())?;

@@ -160,7 +160,7 @@ impl ClusterSink for Image {
 
 /// Encodes `path` as the only device and decodes it again.
 fn round_trip(path: &std::path::Path) -> (u64, Vec<u8>) {
-    let src = ImageSource::open("d".into(), path).unwrap();
+    let src = ImageSource::open("d".into(), path, false).unwrap();
     let mut h = HeaderBuilder::new([1; 16], 0);
     h.add_device(&src.name, src.size).unwrap();
     let mut w = Writer::new(Vec::new(), &h, WriterOptions::default()).unwrap();
