@@ -11,14 +11,20 @@
 # 4 KiB blocks alternate random / zero (1 GiB archive; the worst case for a
 # sparse extract: one write per block). Ratios > 1 mean faster than the baseline.
 # Usage: benches/decode.sh [WORKDIR]   (needs ~6 GiB free; python3, /usr/bin/time)
+# Env:   VMA_BIN=DIR with vma-encode, vma-verify, vma-decode (default: cargo build --release)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /var/tmp/vma-bench.XXXXXX)}
 mkdir -p "$work"
 trap 'rm -rf "$work"/out-* "$work"/cp-*' EXIT
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-bin="$root/target/release"
+# VMA_BIN=DIR: binaries to measure (default: built here, in CARGO_TARGET_DIR if set)
+if [ -n "${VMA_BIN:-}" ]; then
+  bin=$VMA_BIN
+else
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
 [ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 3; }
 
 # best of 3 wall-clock seconds of a shell command (its output discarded)

@@ -10,6 +10,11 @@
 //! | 2 | usage: bad flags or arguments, or a request the format cannot hold |
 //! | 3 | I/O or environment error (cannot open, read or write; disk full) |
 //! | 4 | partial result: salvage extracted what it could, something is missing |
+//! | 128+N | stopped by signal N, partial outputs removed ([`signals`]) |
+//!
+//! A broken pipe ends informational output quietly with 0 and fails data
+//! output with 3 ([`pipe`]). Images in formats such as qcow2 are refused
+//! where raw disks are expected ([`image_format`]).
 
 pub mod cfmt;
 pub mod image_format;

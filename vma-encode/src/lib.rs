@@ -74,7 +74,8 @@ $SOURCE_DATE_EPOCH when set, else now.
 Exit codes: 0 ok; 1 the cluster stream is damaged, aborted or incomplete;
 2 usage (bad flags, a source that is not an image, a name, config or count the
 format cannot hold); 3 I/O or environment (cannot open or read a source, cannot
-write the archive: disk full, broken pipe).";
+write the archive: disk full, broken pipe); 128+N stopped by signal N (SIGINT
+130, SIGTERM 143, SIGHUP 129), the temporary archive removed.";
 
 /// The command line.
 #[derive(Parser, Debug)]
