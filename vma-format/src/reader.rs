@@ -167,6 +167,9 @@ pub struct Archive<R> {
 }
 
 const MAX_RECORDED_DAMAGE: usize = 1000;
+/// Extent data is hashed on a second thread in pieces of this size; an
+/// extent of at most one piece is hashed on the reading thread.
+const HASH_PIECE: usize = 512 * 1024;
 const RESYNC_CHUNK: usize = 1 << 20;
 
 impl<R: Read> Archive<R> {
@@ -235,7 +238,9 @@ impl<R: Read> Archive<R> {
         let mut head = [0u8; EXTENT_HEADER_SIZE];
         let mut data: Vec<u8> = Vec::new();
         let mut index = 0u64;
-        let mut crc_worker = CrcWorker::start();
+        // Started with the first extent big enough to be hashed in pieces
+        // (a thread costs more than hashing a small extent on this one).
+        let mut crc_worker: Option<Option<CrcWorker>> = None;
         loop {
             let offset = self.pos;
             let loc = Location::Extent { index, offset };
@@ -310,7 +315,12 @@ impl<R: Read> Archive<R> {
             if data.len() < need {
                 data.resize(need, 0);
             }
-            let (got, data_crc) = match (extent.data_checksum(), crc_worker.as_mut()) {
+            let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
+                crc_worker.get_or_insert_with(CrcWorker::start).as_mut()
+            } else {
+                None
+            };
+            let (got, data_crc) = match (extent.data_checksum(), worker) {
                 (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
                 _ => (self.read_full(&mut data[..need]), None),
             };
@@ -597,7 +607,7 @@ impl<R: Read> Archive<R> {
         buf: &mut [u8],
         worker: &mut CrcWorker,
     ) -> (io::Result<usize>, Option<u32>) {
-        const PIECE: usize = 512 * 1024;
+        const PIECE: usize = HASH_PIECE;
         let len = buf.len();
         // Every piece is derived from this one pointer, so reading into a
         // later piece never reborrows the pieces the worker is hashing.
