@@ -52,6 +52,7 @@ with open(sys.argv[1], "wb") as f:
         f.write(b"".join(rnd[j*blk:(j+1)*blk] + bytes(blk) for j in range(4)))
 PY
 fi
+rm -f "$work/A.vma" "$work/B.vma"
 "$bin/vma-encode" --uuid 00000000-0000-0000-0000-000000000001 --ctime 0 -o "$work/A.vma" "drive-scsi0=$work/rnd.raw"
 "$bin/vma-encode" --uuid 00000000-0000-0000-0000-000000000002 --ctime 0 -o "$work/B.vma" "drive-scsi0=$work/half.raw"
 
@@ -80,6 +81,7 @@ rm -f "$sparse"; truncate -s 100G "$sparse"
 for off in 0 7 33 61 99; do  # five 16 MiB data regions, GiBs apart
   dd if=/dev/urandom of="$sparse" bs=1M count=16 seek=$((off * 1024)) conv=notrunc status=none
 done
+rm -f "$work/C.vma"
 "$bin/vma-encode" -o "$work/C.vma" "drive-scsi0=$sparse"
 rm -f "$sparse"
 rss=$(rss_kib "rm -rf '$work/out-3'; '$bin/vma-decode' extract '$work/C.vma' '$work/out-3'")

@@ -63,6 +63,7 @@ with open(sys.argv[1], "r+b") as f:
         f.seek(i * (size // 1024))
         f.write(os.urandom(mib))
 PY
+rm -f "$work/sparse.vma"
 row "vma-encode -o: 2 TiB sparse, 1 GiB data" "$(stat -c %s "$sparse")" "'$VMA_BIN/vma-encode' --ctime 0 -o '$work/sparse.vma' 'drive-scsi0=$sparse'" /dev/null
 rm -f "$sparse"
 row "vma-verify: that archive" "$(stat -c %s "$work/sparse.vma")" "'$VMA_BIN/vma-verify' '$work/sparse.vma'" "$work/sparse.vma"

@@ -39,7 +39,7 @@ if [[ ! -d $seeds/stream ]]; then
 fi
 
 target_dir=()
-[[ -n ${CARGO_TARGET_DIR:-} ]] && target_dir=(--target-dir "$CARGO_TARGET_DIR/fuzz")
+[[ -n ${CARGO_TARGET_DIR:-} ]] && target_dir=(--target-dir "$CARGO_TARGET_DIR/fuzz-$sanitizer")
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "$root/fuzz/corpus/$t" "$root/fuzz/artifacts/$t"
