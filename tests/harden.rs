@@ -120,6 +120,22 @@ fn symbolic_links_are_followed_never_replaced() {
     let out = encode(&["-o", "/dev/stdout", s(&img)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(out.stdout, reference(&img));
+    // ... and when standard output is a file, into that file.
+    let stdout_file = d.path().join("stdout.vma");
+    let out = Command::new(bin("vma-encode"))
+        .args([
+            "--uuid",
+            "00000000-0000-0000-0000-000000000008",
+            "--ctime",
+            "5",
+        ])
+        .args(["-o", "/dev/stdout", s(&img)])
+        .stdout(fs::File::create(&stdout_file).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read(&stdout_file).unwrap(), reference(&img));
+    fs::remove_file(&stdout_file).unwrap();
     // A link to an existing archive: refused; with --force its target is
     // replaced and the link stays a link.
     let target = d.path().join("real.vma");

@@ -8,7 +8,10 @@
 //! | missing | a new regular file, made safely (below) |
 //! | an existing regular file | refused, unless `--force`: then replaced, made safely |
 //! | a character or block device, a FIFO | written in place: opened for writing, never created, truncated or renamed (`/dev/nst0`, `/dev/vg/backup`, a named pipe) |
-//! | a symbolic link | the rules above applied to what it points to, fully resolved: `-o /dev/stdout` writes to standard output's pipe or file in place, a link to an archive is refused or (`--force`) its target replaced, the link kept; a dangling link is refused |
+//! | what standard output already is (`/dev/stdout`, `/dev/fd/1`) | standard output: its pipe, or its file written in place |
+//! | a symbolic link | the rules above applied to what it points to, fully resolved: a link to an archive is refused or (`--force`) its target replaced, the link kept; a dangling link is refused |
+//!
+//! A terminal is refused, whichever way it is named.
 //! | a directory, a socket | refused |
 //!
 //! A file made safely is written as a temporary file in the same directory
@@ -90,6 +93,23 @@ impl Output {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Output::file(path, force),
             Err(e) => return Err(EncodeError::io(&shown, &e)),
         };
+        // The file our standard output already is (-o /dev/stdout, or
+        // /dev/fd/1, while stdout is a file or pipe): written as stdout.
+        if let (Ok(there), Ok(ours)) = (
+            std::fs::metadata(path),
+            std::fs::File::from(
+                std::io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| EncodeError::io("<stdout>", &e))?,
+            )
+            .metadata(),
+        ) {
+            use std::os::unix::fs::MetadataExt;
+            if (there.dev(), there.ino()) == (ours.dev(), ours.ino()) {
+                return Output::stdout();
+            }
+        }
         let (target, kind) = if meta.file_type().is_symlink() {
             // stat follows every link, /proc's magic ones included
             // (/dev/stdout -> /proc/self/fd/1 -> "pipe:[…]").
@@ -118,6 +138,11 @@ impl Output {
                 .write(true)
                 .open(&target)
                 .map_err(|e| EncodeError::io(&shown, &e))?;
+            if std::io::IsTerminal::is_terminal(&file) {
+                return Err(EncodeError::usage(format!(
+                    "{shown}: refusing to write an archive to a terminal"
+                )));
+            }
             return Ok(Output::InPlace { file, shown });
         }
         if kind.is_dir() {
