@@ -58,6 +58,8 @@ pub struct ClusterSet {
     hot_next: u64,
     /// The hot leaf's runs, sorted, neither overlapping nor adjacent.
     hot: Vec<Run>,
+    /// Whether `hot` differs from its encoded leaf.
+    dirty: bool,
 }
 
 impl Default for ClusterSet {
@@ -79,6 +81,7 @@ impl ClusterSet {
             hot_key: 0,
             hot_next: u64::MAX,
             hot: Vec::new(),
+            dirty: false,
         }
     }
 
@@ -148,7 +151,9 @@ impl ClusterSet {
                 self.heat(start);
             }
             let end = range.end.min(self.hot_next);
-            added += self.insert_hot(start, end);
+            let new = self.insert_hot(start, end);
+            self.dirty |= new > 0;
+            added += new;
             start = end;
             if self.hot.len() > MAX_RUNS {
                 self.split_hot();
@@ -222,11 +227,13 @@ impl ClusterSet {
 
     /// Makes the leaf holding `n` the hot one, storing the current one back.
     fn heat(&mut self, n: u64) {
-        let encoded = encode(self.hot_key, &self.hot);
-        *self.leaves.get_mut(&self.hot_key).expect("hot leaf") = encoded;
+        if self.dirty {
+            let encoded = encode(self.hot_key, &self.hot);
+            *self.leaves.get_mut(&self.hot_key).expect("hot leaf") = encoded;
+            self.dirty = false;
+        }
         let (&key, leaf) = self.leaves.range(..=n).next_back().expect("leaf 0");
-        self.hot.clear();
-        self.hot.extend(decode(key, leaf));
+        decode_into(key, leaf, &mut self.hot);
         self.hot_key = key;
         self.hot_next = self
             .leaves
@@ -276,22 +283,44 @@ impl ClusterSet {
         self.hot = upper;
         self.hot.reserve(MAX_RUNS + 2 - self.hot.len());
         self.hot_key = key;
+        self.dirty = true;
     }
 }
 
-/// Encodes `runs` (at or after `key`) as a leaf.
+/// Encodes `runs` (at or after `key`) as a leaf, exactly sized.
 fn encode(key: u64, runs: &[Run]) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(runs.len() * 3);
+    // At most 10 bytes for each of a run's two varints; a split leaves at
+    // most MAX_RUNS + 1 runs.
+    let mut buf = [0u8; (MAX_RUNS + 1) * 20];
+    let mut at = 0;
     let mut prev = key;
     for r in runs {
         let len = r.end - r.start;
-        put_varint(&mut out, (r.start - prev) << 1 | (len > 1) as u64);
+        at = put_varint(&mut buf, at, (r.start - prev) << 1 | (len > 1) as u64);
         if len > 1 {
-            put_varint(&mut out, len - 2);
+            at = put_varint(&mut buf, at, len - 2);
         }
         prev = r.end;
     }
-    out.into_boxed_slice()
+    Box::from(&buf[..at])
+}
+
+/// Decodes a leaf with key `key` into `runs` (cleared first).
+fn decode_into(key: u64, leaf: &[u8], runs: &mut Vec<Run>) {
+    runs.clear();
+    let mut at = 0usize;
+    let mut prev = key;
+    while at < leaf.len() {
+        let token = get_varint(leaf, &mut at);
+        let start = prev + (token >> 1);
+        prev = start
+            + if token & 1 != 0 {
+                get_varint(leaf, &mut at) + 2
+            } else {
+                1
+            };
+        runs.push(Run { start, end: prev });
+    }
 }
 
 /// The runs of a leaf with key `key`.
@@ -314,12 +343,15 @@ fn decode(key: u64, leaf: &[u8]) -> impl Iterator<Item = Run> + '_ {
     })
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// Writes `v` as LEB128 at `buf[at..]`; returns the position after it.
+fn put_varint(buf: &mut [u8], mut at: usize, mut v: u64) -> usize {
     while v >= 0x80 {
-        out.push(v as u8 | 0x80);
+        buf[at] = v as u8 | 0x80;
+        at += 1;
         v >>= 7;
     }
-    out.push(v as u8);
+    buf[at] = v as u8;
+    at + 1
 }
 
 fn get_varint(buf: &[u8], at: &mut usize) -> u64 {
