@@ -98,6 +98,12 @@ fn main() {
         std::process::exit(vma_decode::proxmox::main(args.collect()));
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Extract { .. }) {
+        // Partial images and configs are removed on SIGINT/SIGTERM/SIGHUP.
+        if let Err(e) = vma_cli::signals::install("vma-decode") {
+            Failure::io("signal handling", &e).exit();
+        }
+    }
     if let Err(f) = run(cli) {
         f.exit();
     }
@@ -113,7 +119,9 @@ fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Fa
 fn run(cli: Cli) -> Result<(), Failure> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let out_err = |e: std::io::Error| Failure::io("stdout", &e);
+    // list, config and extract's -v lines are informational: a reader that
+    // went away ends the tool quietly (vma_cli::pipe).
+    let out_err = |e: std::io::Error| vma_cli::pipe::info_failure(&e);
     match cli.command {
         Command::List { archive } => {
             let (_, archive) = open(&archive, ReadOptions::default())?;
