@@ -11,14 +11,20 @@
 # 4 KiB blocks alternate random / zero (1 GiB archive; the worst case for a
 # sparse extract: one write per block). Ratios > 1 mean faster than the baseline.
 # Usage: benches/decode.sh [WORKDIR]   (needs ~6 GiB free; python3, /usr/bin/time)
+# Env:   VMA_BIN=DIR with vma-encode, vma-verify, vma-decode (default: cargo build --release)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /var/tmp/vma-bench.XXXXXX)}
 mkdir -p "$work"
 trap 'rm -rf "$work"/out-* "$work"/cp-*' EXIT
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+# VMA_BIN=DIR: binaries to measure (default: built here, in CARGO_TARGET_DIR if set)
+if [ -n "${VMA_BIN:-}" ]; then
+  bin=$VMA_BIN
+else
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
 [ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 3; }
 
 # best of 3 wall-clock seconds of a shell command (its output discarded)
@@ -46,6 +52,7 @@ with open(sys.argv[1], "wb") as f:
         f.write(b"".join(rnd[j*blk:(j+1)*blk] + bytes(blk) for j in range(4)))
 PY
 fi
+rm -f "$work/A.vma" "$work/B.vma"
 "$bin/vma-encode" --uuid 00000000-0000-0000-0000-000000000001 --ctime 0 -o "$work/A.vma" "drive-scsi0=$work/rnd.raw"
 "$bin/vma-encode" --uuid 00000000-0000-0000-0000-000000000002 --ctime 0 -o "$work/B.vma" "drive-scsi0=$work/half.raw"
 
@@ -74,6 +81,7 @@ rm -f "$sparse"; truncate -s 100G "$sparse"
 for off in 0 7 33 61 99; do  # five 16 MiB data regions, GiBs apart
   dd if=/dev/urandom of="$sparse" bs=1M count=16 seek=$((off * 1024)) conv=notrunc status=none
 done
+rm -f "$work/C.vma"
 "$bin/vma-encode" -o "$work/C.vma" "drive-scsi0=$sparse"
 rm -f "$sparse"
 rss=$(rss_kib "rm -rf '$work/out-3'; '$bin/vma-decode' extract '$work/C.vma' '$work/out-3'")

@@ -21,7 +21,6 @@ pub mod pace;
 pub mod queue;
 pub mod relay;
 pub mod serve;
-pub mod signals;
 pub mod sink;
 pub mod size;
 pub mod states;

@@ -11,9 +11,9 @@ use serde_json::json;
 
 use cbw_tap::control::BackupClient;
 use cbw_tap::serve::{default_control, parse_export, ServeConfig, Tap};
-use cbw_tap::signals::TermSignals;
 use cbw_tap::{BackupOptions, Policy};
 use vma_cli::exit;
+use vma_cli::signals::TermSignals;
 
 /// Live point-in-time backups of disks in use: serves images over NBD with
 /// copy-before-write, and streams backups of all of them taken at one

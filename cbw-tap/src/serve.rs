@@ -67,6 +67,7 @@ impl Tap {
     /// # Errors
     /// A one-line [`Failure`]: usage (code 2) for a bad export name (empty,
     /// unsafe as a file name, `vmstate`, repeated), the same image twice,
+    /// an image in a format such as qcow2 (see `vma_cli::image_format`),
     /// too many exports; I/O (code 3) for an image that cannot be opened,
     /// is in use (QEMU's image locks, see [`crate::lock`]), is empty or too
     /// large, or a socket that cannot be bound.
@@ -104,6 +105,8 @@ impl Tap {
             let p = path.display();
             let backend = FileBackend::open(path, false)
                 .map_err(|e| Failure::new(exit::IO, format!("{p}: {e}")))?;
+            // A qcow2 (or other) container would be served as its bytes.
+            vma_cli::image_format::refuse_images(&p.to_string(), backend.file(), "")?;
             let meta = backend
                 .file()
                 .metadata()

@@ -10,14 +10,21 @@
 //! | 2 | usage: bad flags or arguments, or a request the format cannot hold |
 //! | 3 | I/O or environment error (cannot open, read or write; disk full) |
 //! | 4 | partial result: salvage extracted what it could, something is missing |
+//! | 128+N | stopped by signal N, partial outputs removed ([`signals`]) |
+//!
+//! A broken pipe ends informational output quietly with 0 and fails data
+//! output with 3 ([`pipe`]). Images in formats such as qcow2 are refused
+//! where raw disks are expected ([`image_format`]).
 
 pub mod cfmt;
 pub mod decompress;
+pub mod image_format;
 pub mod input;
 pub mod listing;
 pub mod lzop;
+pub mod pipe;
 pub mod progress;
-pub mod term_signals;
+pub mod signals;
 
 use vma_format::{Error, ErrorClass};
 
@@ -105,9 +112,17 @@ impl Failure {
         Failure::new(exit::IO, format!("{what}: {err}"))
     }
 
-    /// Prints the message and exits.
+    /// An end without a message (e.g. exit 0 when the reader of
+    /// informational output has gone: see [`pipe`]).
+    pub fn quiet(code: i32) -> Failure {
+        Failure::new(code, "")
+    }
+
+    /// Prints the message (if any) and exits.
     pub fn exit(&self) -> ! {
-        eprintln!("{}", self.message);
+        if !self.message.is_empty() {
+            eprintln!("{}", self.message);
+        }
         std::process::exit(self.code)
     }
 }

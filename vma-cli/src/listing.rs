@@ -16,22 +16,32 @@ use vma_format::VmaHeader;
 /// ```
 ///
 /// Configs in slot order, then devices in id order (Proxmox prints ids 1 to
-/// 254; a device in slot 255 is listed too), names up to their first NUL,
-/// then the creation time in local time as C's `ctime()` formats it (honours
+/// 254; a device in slot 255 is listed too), names up to their first NUL
+/// and escaped by [`vma_format::names::escape`] (a newline in a name must not
+/// forge a `DEV:` line for qmrestore, nor an escape sequence reach the
+/// terminal; ordinary names print exactly as Proxmox prints them), then the
+/// creation time in local time as C's `ctime()` formats it (honours
 /// `TZ`).
 pub fn write_listing<W: Write + ?Sized>(out: &mut W, header: &VmaHeader) -> io::Result<()> {
     for c in header.configs() {
-        write!(out, "CFG: size: {} name: ", c.data.len())?;
-        out.write_all(c.c_name())?;
-        out.write_all(b"\n")?;
+        writeln!(
+            out,
+            "CFG: size: {} name: {}",
+            c.data.len(),
+            c.display_name()
+        )?;
     }
     for d in header.devices() {
         if d.is_vmstate() {
             writeln!(out, "VMSTATE: dev_id={} memory: {}", d.id, d.size)?;
         } else {
-            write!(out, "DEV: dev_id={} size: {} devname: ", d.id, d.size)?;
-            out.write_all(d.c_name())?;
-            out.write_all(b"\n")?;
+            writeln!(
+                out,
+                "DEV: dev_id={} size: {} devname: {}",
+                d.id,
+                d.size,
+                d.display_name()
+            )?;
         }
     }
     writeln!(out, "CTIME: {}", ctime(header.ctime()))
@@ -50,6 +60,32 @@ pub fn ctime(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_cannot_forge_lines() {
+        std::env::set_var("TZ", "UTC");
+        let mut h = vma_format::HeaderBuilder::new([1; 16], 0);
+        h.add_config("qemu-server.conf", b"x".to_vec()).unwrap();
+        h.add_device("drive-scsi0", 512).unwrap();
+        let mut raw = h.encode().unwrap();
+        // Patch the names past HeaderBuilder's checks, as a hostile
+        // archive would, and reseal the header.
+        let at = |raw: &[u8], s: &[u8]| raw.windows(s.len()).position(|w| w == s).unwrap();
+        let c = at(&raw, b"qemu-server.conf");
+        raw[c..c + 16].copy_from_slice(b"a\nDEV: dev_id=9\x1b");
+        let d = at(&raw, b"drive-scsi0");
+        raw[d..d + 11].copy_from_slice("x\u{202e}\\\x07\r\u{9b}yz".as_bytes());
+        vma_format::header::update_checksum(&mut raw);
+        let header = VmaHeader::parse(&raw).unwrap();
+        let mut out = Vec::new();
+        write_listing(&mut out, &header).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "CFG: size: 1 name: a\\x0aDEV: dev_id=9\\x1b\n\
+             DEV: dev_id=1 size: 512 devname: x\\xe2\\x80\\xae\\\\\\x07\\x0d\\xc2\\x9byz\n\
+             CTIME: Thu Jan  1 00:00:00 1970\n"
+        );
+    }
 
     #[test]
     fn ctime_like_c() {

@@ -45,7 +45,7 @@ const HEADER_BAD: u8 = 4;
 /// Most read failures logged (each also goes to the client that asked).
 const MAX_LOGGED_FAILURES: u64 = 1000;
 /// Most extents a block-status reply describes before the client asks again.
-const MAX_STATUS_EXTENTS: usize = 4096;
+const MAX_STATUS_EXTENTS: usize = 64;
 
 /// An archive being served: the file its data is read from, its index, and
 /// what has been found of each extent.

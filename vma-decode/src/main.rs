@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use std::sync::{mpsc, Arc, Mutex};
 use vma_cli::input::Input;
-use vma_cli::term_signals::{signal_name, TermSignals};
+use vma_cli::signals::{signal_name, TermSignals};
 use vma_cli::{exit, listing, Failure, EXIT_CODES_HELP};
 use vma_decode::extract::{extract, missing_line, ExtractOptions, SALVAGE_REPORT};
 use vma_decode::serve::{self, ServeOptions, LOG};
@@ -162,6 +162,12 @@ fn main() {
         }
         return;
     }
+    if matches!(cli.command, Command::Extract { .. }) {
+        // Partial images and configs are removed on SIGINT/SIGTERM/SIGHUP.
+        if let Err(e) = vma_cli::signals::install("vma-decode") {
+            Failure::io("signal handling", &e).exit();
+        }
+    }
     if let Err(f) = run(cli) {
         f.exit();
     }
@@ -172,8 +178,9 @@ fn serve(archive: &str, opts: &ServeOptions) -> Result<(), Failure> {
     // Blocked before any thread starts, so every thread inherits the mask.
     let signals = TermSignals::block();
     // While indexing (a decompressing pass may take long), a signal ends the
-    // process at once: nothing is listening yet and the cache has no name.
-    // Once listening, it stops the server cleanly.
+    // process at once: nothing is listening yet, the cache has no name, and
+    // an index being saved is removed (vma_cli::signals' registry). Once
+    // listening, it stops the server cleanly.
     let listening = Arc::new(Mutex::new(false));
     let (stop_tx, stop_rx) = mpsc::channel();
     {
@@ -184,8 +191,7 @@ fn serve(archive: &str, opts: &ServeOptions) -> Result<(), Failure> {
                 let sig = signals.wait();
                 let serving = listening.lock().unwrap_or_else(|e| e.into_inner());
                 if !*serving {
-                    eprintln!("{LOG}: {}: interrupted while indexing", signal_name(sig));
-                    std::process::exit(128 + sig);
+                    vma_cli::signals::exit_removing_partials(LOG, sig);
                 }
                 let _ = stop_tx.send(sig);
             })
@@ -222,7 +228,9 @@ fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Fa
 fn run(cli: Cli) -> Result<(), Failure> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let out_err = |e: std::io::Error| Failure::io("stdout", &e);
+    // list, config and extract's -v lines are informational: a reader that
+    // went away ends the tool quietly (vma_cli::pipe).
+    let out_err = |e: std::io::Error| vma_cli::pipe::info_failure(&e);
     match cli.command {
         Command::List { archive } => {
             let (_, archive) = open(&archive, ReadOptions::default())?;

@@ -13,7 +13,10 @@
 //!   replaces a final name (a symlink there is replaced, not followed) only
 //!   with `--force`, and never a directory;
 //! * on any failure every temporary file is removed, and every final name
-//!   this extract had already placed.
+//!   this extract had already placed — on SIGINT, SIGTERM and SIGHUP too
+//!   (each file is registered with [`vma_cli::signals`] while it is not yet
+//!   kept, and the renames of [`Staging::place`] run as one critical
+//!   section, so a signal never leaves some final names placed and others not).
 //!
 //! Temporary names are Proxmox's (`tmp-` in front of the final name) when
 //! that fits in a file name (255 bytes); otherwise a short one
@@ -24,8 +27,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use vma_cli::signals::{self, remove_on_signal_at, Registration};
 use vma_cli::{exit, Failure};
 
 /// Longest file name (Linux's NAME_MAX).
@@ -43,7 +48,8 @@ pub fn temp_name(final_name: &str, fallback: impl FnOnce() -> String) -> String 
 
 /// An output directory, held open.
 pub struct OutputDir {
-    fd: OwnedFd,
+    // Shared with the signal registrations of the files staged in it.
+    fd: Arc<OwnedFd>,
     path: PathBuf,
 }
 
@@ -70,7 +76,7 @@ impl OutputDir {
             Err(e) => return Err(Failure::io(&name, &e.into())),
         };
         let out = OutputDir {
-            fd,
+            fd: Arc::new(fd),
             path: dir.to_path_buf(),
         };
         if !force && !out.is_empty().map_err(|e| Failure::io(&name, &e))? {
@@ -167,6 +173,15 @@ impl OutputDir {
 struct Staged {
     tmp: String,
     name: String,
+    // Removes `tmp` on a signal.
+    _signal: Registration,
+}
+
+/// A final name placed by this extract, not yet kept.
+struct Placed {
+    name: String,
+    // Removes `name` on a signal until the extract is finished.
+    _signal: Registration,
 }
 
 /// Files written under temporary names, placed under their final names
@@ -176,7 +191,7 @@ pub struct Staging<'d> {
     dir: &'d OutputDir,
     replace: bool,
     pending: Vec<Staged>,
-    placed: Vec<String>,
+    placed: Vec<Placed>,
 }
 
 impl<'d> Staging<'d> {
@@ -205,6 +220,7 @@ impl<'d> Staging<'d> {
         self.pending.push(Staged {
             tmp: tmp.to_string(),
             name: name.to_string(),
+            _signal: remove_on_signal_at(self.dir.fd.clone(), tmp),
         });
         Ok(f)
     }
@@ -240,13 +256,18 @@ impl<'d> Staging<'d> {
                 ));
             }
         }
+        // A signal is acted on after the renames, against the final names.
+        let _critical = signals::critical();
         while !self.pending.is_empty() {
             let s = &self.pending[0];
             self.dir
                 .rename(&s.tmp, &s.name, self.replace)
                 .map_err(|e| Failure::io(&self.dir.show(&s.name), &e))?;
             let s = self.pending.remove(0);
-            self.placed.push(s.name);
+            self.placed.push(Placed {
+                _signal: remove_on_signal_at(self.dir.fd.clone(), s.name.as_str()),
+                name: s.name,
+            });
         }
         self.dir
             .sync()
@@ -256,7 +277,10 @@ impl<'d> Staging<'d> {
     /// Everything is in place: keep it. Returns the final names placed.
     pub fn finish(mut self) -> Vec<PathBuf> {
         let placed = std::mem::take(&mut self.placed);
-        placed.iter().map(|n| self.dir.path().join(n)).collect()
+        placed
+            .into_iter()
+            .map(|p| self.dir.path().join(p.name))
+            .collect()
     }
 }
 
@@ -265,8 +289,8 @@ impl Drop for Staging<'_> {
         for s in &self.pending {
             let _ = self.dir.remove(&s.tmp);
         }
-        for name in &self.placed {
-            let _ = self.dir.remove(name);
+        for p in &self.placed {
+            let _ = self.dir.remove(&p.name);
         }
     }
 }

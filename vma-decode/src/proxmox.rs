@@ -236,6 +236,8 @@ fn extract_cmd(args: &[OsString]) -> Result<(), Outcome> {
         }
     }
     crate::outdir::OutputDir::check_arg(std::path::Path::new(dir))?;
+    // Partial images and configs are removed on SIGINT/SIGTERM/SIGHUP.
+    vma_cli::signals::install("vma").map_err(|e| Failure::io("signal handling", &e))?;
     let (input, archive) = open(file)?;
     let mut out = io::stdout().lock();
     extract(

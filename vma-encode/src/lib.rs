@@ -60,9 +60,15 @@ qemu-server.conf: an archive with disks but without one gets a warning. Every ex
 its data in the free 59th slot (ignored by other readers) unless
 --no-data-checksums is given.
 
-The archive goes to standard output (never a terminal), or with -o to a
-temporary file beside ARCHIVE that is fsynced and renamed to ARCHIVE on success
-and removed on failure.
+The archive goes to standard output (never a terminal; also `-o -`), or with
+-o to a temporary file beside ARCHIVE that is fsynced and renamed to ARCHIVE on
+success and removed on failure or on SIGINT, SIGTERM, SIGHUP (exit 128+signal).
+An existing ARCHIVE is refused unless --force. A character or block device or a
+FIFO (also through a symbolic link, e.g. -o /dev/stdout) is written in place.
+A symbolic link to a file is followed: its target is refused or replaced.
+
+Sources in an image format (qcow2, QED, VMDK, VHDX, VDI, VHD) are refused with
+a hint (qemu-img convert, qemu-nbd); --assume-raw takes them as raw disks.
 
 Reproducible output: --uuid and --ctime fix the only varying bytes. Without
 --ctime the creation time is the stream's backup instant (with '-'), else
@@ -71,7 +77,8 @@ $SOURCE_DATE_EPOCH when set, else now.
 Exit codes: 0 ok; 1 the cluster stream is damaged, aborted or incomplete;
 2 usage (bad flags, a source that is not an image, a name, config or count the
 format cannot hold); 3 I/O or environment (cannot open or read a source, cannot
-write the archive: disk full, broken pipe).";
+write the archive: disk full, broken pipe); 128+N stopped by signal N (SIGINT
+130, SIGTERM 143, SIGHUP 129), the temporary archive removed.";
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -86,13 +93,21 @@ pub struct Args {
     /// under its base name; repeatable, up to 256.
     #[arg(short = 'c', long = "config", value_name = "[NAME=]PATH")]
     pub configs: Vec<PathBuf>,
-    /// Write the archive to ARCHIVE (made safely) instead of standard output.
+    /// Write the archive to ARCHIVE (made safely) instead of standard output
+    /// ('-': standard output).
     #[arg(short = 'o', long = "output", value_name = "ARCHIVE")]
     pub output: Option<PathBuf>,
+    /// Replace ARCHIVE if it exists (a regular file).
+    #[arg(long)]
+    pub force: bool,
+    /// Take every source as a raw disk, even one that starts like a qcow2,
+    /// VMDK, … image.
+    #[arg(long)]
+    pub assume_raw: bool,
     /// The archive's uuid (default: random).
     #[arg(long, value_name = "UUID")]
     pub uuid: Option<uuid::Uuid>,
-    /// The archive's creation time in seconds since the epoch.
+    /// The archive's creation time in seconds since the epoch (0 or more).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub ctime: Option<i64>,
     /// Write plain extents, without our CRC-32 of each extent's data.
@@ -157,6 +172,18 @@ enum Sources {
 /// program name) and exit code. `stderr_is_terminal` turns on the progress bar
 /// (unless `-v`). Nothing is left under ARCHIVE's name on failure.
 pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
+    if args.sources.is_empty() && args.configs.is_empty() {
+        return Err(Failure::new(
+            exit::USAGE,
+            "nothing to archive: give NAME=SOURCE…, '-' (a cluster stream) or -c CONFIG",
+        ));
+    }
+    if let Some(t) = args.ctime.filter(|&t| t < 0) {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("--ctime {t}: before 1970; give 0 or more seconds since the epoch"),
+        ));
+    }
     let ctime_env = source_date_epoch()?;
     let (sources, header) = prepare(args, ctime_env)?;
     // Refuse what the format cannot hold before creating any output.
@@ -164,7 +191,7 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
         .encode()
         .map_err(|e| Failure::new(vma_cli::exit_code(&e), e.message().to_string()))?;
     let output = match &args.output {
-        Some(path) => Output::file(path),
+        Some(path) => Output::path(path, args.force),
         None => Output::stdout(),
     }
     .map_err(|e| e.into_failure("<output>"))?;
@@ -297,7 +324,8 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
     let mut images = Vec::with_capacity(args.sources.len());
     for (i, arg) in args.sources.iter().enumerate() {
         let (name, path) = split_source(arg, i)?;
-        let image = ImageSource::open(name, &path).map_err(|e| e.into_failure("<source>"))?;
+        let image = ImageSource::open(name, &path, args.assume_raw)
+            .map_err(|e| e.into_failure("<source>"))?;
         builder.add_device(&image.name, image.size).map_err(|e| {
             Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
         })?;
@@ -416,12 +444,13 @@ fn source_date_epoch() -> Result<Option<i64>, Failure> {
         Some(v) => v
             .to_str()
             .and_then(|s| s.trim().parse::<i64>().ok())
+            .filter(|&t| t >= 0)
             .map(Some)
             .ok_or_else(|| {
                 Failure::new(
                     exit::USAGE,
                     format!(
-                        "SOURCE_DATE_EPOCH={}: not a number of seconds",
+                        "SOURCE_DATE_EPOCH={}: not a number of seconds since the epoch (0 or more)",
                         v.to_string_lossy()
                     ),
                 )

@@ -6,6 +6,11 @@ use clap::Parser;
 
 fn main() {
     let args = vma_encode::Args::parse();
+    // SIGINT, SIGTERM, SIGHUP: remove the temporary archive, exit 128+signal.
+    if let Err(e) = vma_cli::signals::install("vma-encode") {
+        eprintln!("vma-encode: cannot handle signals: {e}");
+        std::process::exit(vma_cli::exit::IO);
+    }
     if let Err(failure) = vma_encode::run(&args, std::io::stderr().is_terminal()) {
         eprintln!("vma-encode: {failure}");
         std::process::exit(failure.code);

@@ -42,8 +42,10 @@ pub struct ImageSource {
 impl ImageSource {
     /// Opens `path` and finds its size. Refused (as usage errors): a
     /// directory, anything that is neither a regular file nor a block device,
-    /// an empty source (the format has no 0-byte devices).
-    pub fn open(name: String, path: &Path) -> Result<ImageSource, EncodeError> {
+    /// an empty source (the format has no 0-byte devices), and unless
+    /// `assume_raw` an image in a format such as qcow2
+    /// (`vma_cli::image_format`).
+    pub fn open(name: String, path: &Path, assume_raw: bool) -> Result<ImageSource, EncodeError> {
         let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| EncodeError::io(&shown, &e))?;
         let meta = file.metadata().map_err(|e| EncodeError::io(&shown, &e))?;
@@ -67,6 +69,13 @@ impl ImageSource {
             return Err(EncodeError::usage(format!(
                 "{shown}: is empty (the format has no 0-byte devices)"
             )));
+        }
+        if !assume_raw {
+            vma_cli::image_format::refuse_images(
+                &shown,
+                &file,
+                "; --assume-raw takes it as a raw disk",
+            )?;
         }
         Ok(ImageSource {
             name,

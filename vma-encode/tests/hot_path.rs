@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use vma_encode::progress::Progress;
 use vma_encode::source::ImageSource;
 use vma_format::{
-    Archive, BlockMask, Cluster, ClusterBitmap, ClusterSink, Flow, HeaderBuilder, Writer,
+    Archive, BlockMask, Cluster, ClusterSet, ClusterSink, Flow, HeaderBuilder, Writer,
     WriterOptions, CLUSTER_SIZE,
 };
 
@@ -99,12 +99,12 @@ proptest! {
     }
 
     #[test]
-    fn bitmap_ranges_match_single_inserts(
+    fn cluster_set_ranges_match_single_inserts(
         clusters in 1u64..600_000,
         ops in proptest::collection::vec((any::<u64>(), 0u64..70_000), 1..20),
     ) {
-        let mut ranged = ClusterBitmap::new(clusters);
-        let mut single = ClusterBitmap::new(clusters);
+        let mut ranged = ClusterSet::new(clusters);
+        let mut single = ClusterSet::new(clusters);
         for (start, len) in ops {
             let start = start % clusters;
             let end = (start + len).min(clusters);
@@ -160,7 +160,7 @@ impl ClusterSink for Image {
 
 /// Encodes `path` as the only device and decodes it again.
 fn round_trip(path: &std::path::Path) -> (u64, Vec<u8>) {
-    let src = ImageSource::open("d".into(), path).unwrap();
+    let src = ImageSource::open("d".into(), path, false).unwrap();
     let mut h = HeaderBuilder::new([1; 16], 0);
     h.add_device(&src.name, src.size).unwrap();
     let mut w = Writer::new(Vec::new(), &h, WriterOptions::default()).unwrap();

@@ -64,6 +64,12 @@ impl ConfigEntry {
     pub fn c_name(&self) -> &[u8] {
         c_str(&self.name)
     }
+
+    /// The name as inert text for listings, reports and messages: see
+    /// [`crate::names::escape`].
+    pub fn display_name(&self) -> String {
+        crate::names::escape(self.c_name())
+    }
 }
 
 /// One device declared in the header.
@@ -89,9 +95,10 @@ impl DeviceInfo {
         c_str(&self.name)
     }
 
-    /// The name for messages (lossy UTF-8).
+    /// The name as inert text for listings, reports and messages: see
+    /// [`crate::names::escape`] (unchanged for every ordinary name).
     pub fn display_name(&self) -> String {
-        String::from_utf8_lossy(self.c_name()).into_owned()
+        crate::names::escape(self.c_name())
     }
 
     /// Clusters the device has.

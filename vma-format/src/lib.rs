@@ -26,8 +26,8 @@
 //! Nothing here seeks but [`Archive::index`] over a [`Seekable`] input:
 //! readers and writers work on pipes.
 
-pub mod bitmap;
 pub mod cluster;
+pub mod clusterset;
 pub mod error;
 pub mod extent;
 pub mod header;
@@ -37,8 +37,8 @@ pub mod stream;
 pub mod writer;
 pub mod zero;
 
-pub use bitmap::ClusterBitmap;
 pub use cluster::{BlockMask, Cluster, ClusterBuf};
+pub use clusterset::ClusterSet;
 pub use error::{Error, ErrorClass, Location};
 pub use extent::{BlockInfo, ExtentHeader, DATA_CHECKSUM_MASK, DATA_CHECKSUM_VERSION};
 pub use header::{ConfigEntry, DeviceInfo, HeaderBuilder, VmaHeader};

@@ -3,13 +3,22 @@
 //! Proxmox's `vma extract` builds paths from config and device names without
 //! a check, so an archive naming a config `../../etc/cron.d/x` writes there.
 //! Like the `tar` crate's `unpack`, we refuse such names.
+//!
+//! Names also reach terminals and parsers as text (`vma-decode list`, whose
+//! `DEV:` lines qmrestore parses; `vma-verify -v`; error messages): there a
+//! newline would forge a line and an escape sequence would drive the
+//! terminal, so [`escape`] makes them inert first.
 
 /// Checks that `name` (as stored, without its terminating NUL) is safe to
 /// use as one file name inside an output directory, and returns it as text.
+/// The reason quotes the name as Rust's `{:?}` does, which escapes control,
+/// bidirectional and separator characters (`\n`, `\u{202e}`).
 ///
 /// Refused, with the reason: the empty name, `.` and `..`, any `/`, NUL or
-/// other control character (below 0x20, and 0x7f), and bytes that are not
-/// UTF-8.
+/// other control character (C0 below 0x20, DEL 0x7f, C1 U+0080–U+009F),
+/// bidirectional controls and line or paragraph separators (see
+/// [`is_deceptive`]: U+202E would show `exe.txt` for `txt.exe`), and bytes
+/// that are not UTF-8.
 pub fn check_file_name(name: &[u8]) -> Result<&str, String> {
     let text = std::str::from_utf8(name).map_err(|_| "name is not UTF-8".to_string())?;
     if text.is_empty() {
@@ -27,7 +36,56 @@ pub fn check_file_name(name: &[u8]) -> Result<&str, String> {
     if text.chars().any(|c| c.is_control()) {
         return Err(format!("name {text:?} contains a control character"));
     }
+    if text.chars().any(is_deceptive) {
+        return Err(format!(
+            "name {text:?} contains a bidirectional control or line separator"
+        ));
+    }
     Ok(text)
+}
+
+/// Characters that reorder or break the text around them although they are
+/// not control characters (Unicode category Cf / Zl / Zp): the bidirectional
+/// marks, embeddings, overrides and isolates U+061C, U+200E, U+200F,
+/// U+202A–U+202E, U+2066–U+2069, and the separators U+2028, U+2029.
+pub fn is_deceptive(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
+
+/// A name from an archive (as stored, up to its NUL) as inert text, for
+/// listings, reports and messages:
+///
+/// * printable ASCII is kept, but `\` becomes `\\`;
+/// * every byte of a control character (C0 0x00–0x1f, DEL 0x7f, C1
+///   U+0080–U+009F), of a character [`is_deceptive`] names, and every byte
+///   that is not part of valid UTF-8 becomes `\xNN` (two lower-case hex
+///   digits): a newline is `\x0a`, ESC `\x1b`, U+202E `\xe2\x80\xae`;
+/// * any other UTF-8 character is kept as it is.
+///
+/// Names without such characters (all that Proxmox writes) come out
+/// unchanged, so `list` prints them exactly as Proxmox's `vma list` does; a
+/// name that is escaped never equals the raw name of another device.
+pub fn escape(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len());
+    let hex = |out: &mut String, bytes: &[u8]| {
+        for b in bytes {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    };
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else if c.is_control() || is_deceptive(c) {
+                let mut buf = [0u8; 4];
+                hex(&mut out, c.encode_utf8(&mut buf).as_bytes());
+            } else {
+                out.push(c);
+            }
+        }
+        hex(&mut out, chunk.invalid());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -50,6 +108,10 @@ mod tests {
             b"a\nb",
             b"\x7f",
             b"\xff",
+            "a\u{202e}txt.exe".as_bytes(),
+            "a\u{2066}b".as_bytes(),
+            "a\u{2028}b".as_bytes(),
+            "\u{85}".as_bytes(),
         ] {
             assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
         }
@@ -57,5 +119,29 @@ mod tests {
             check_file_name(b"..").unwrap_err(),
             "name \"..\" is a directory reference"
         );
+        assert_eq!(
+            check_file_name("evil\u{202e}fdp.exe".as_bytes()).unwrap_err(),
+            "name \"evil\\u{202e}fdp.exe\" contains a bidirectional control or line separator"
+        );
+        assert_eq!(
+            check_file_name(b"a\nb").unwrap_err(),
+            "name \"a\\nb\" contains a control character"
+        );
+    }
+
+    #[test]
+    fn escapes_what_could_forge_lines_or_drive_terminals() {
+        assert_eq!(escape(b"drive-scsi0"), "drive-scsi0");
+        assert_eq!(escape("Ümlaut ✓".as_bytes()), "Ümlaut ✓");
+        assert_eq!(
+            escape(b"x\nDEV: dev_id=9 size: 1 devname: evil"),
+            "x\\x0aDEV: dev_id=9 size: 1 devname: evil"
+        );
+        assert_eq!(escape(b"\x1b[2J\x07"), "\\x1b[2J\\x07");
+        assert_eq!(escape(b"a\\b"), "a\\\\b");
+        assert_eq!(escape(b"\xff\xfe ok"), "\\xff\\xfe ok");
+        assert_eq!(escape("a\u{202e}b".as_bytes()), "a\\xe2\\x80\\xaeb");
+        assert_eq!(escape("\u{9b}31m".as_bytes()), "\\xc2\\x9b31m");
+        assert_eq!(escape(b"\x7f\r\t"), "\\x7f\\x0d\\x09");
     }
 }

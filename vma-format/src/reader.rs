@@ -2,7 +2,8 @@
 //! clusters pushed into a [`ClusterSink`].
 //!
 //! It never seeks, so it reads pipes. Memory is bounded: one extent's data
-//! (at most 59 × 64 KiB), and one bit per cluster actually present.
+//! (at most 59 × 64 KiB), and a [`ClusterSet`] per device: a few bytes per run
+//! of clusters present, whatever the header claims.
 //!
 //! [`Archive::index`] walks the same extents with the same checks but passes
 //! over their data ([`SkipData`]: a seek in a file) and hands on where each
@@ -13,8 +14,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::sync::mpsc;
 
-use crate::bitmap::ClusterBitmap;
 use crate::cluster::{BlockMask, Cluster};
+use crate::clusterset::ClusterSet;
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::header::VmaHeader;
@@ -128,6 +129,9 @@ pub struct Summary {
     pub missing: Vec<MissingClusters>,
     /// The sink asked to stop before the end.
     pub stopped: bool,
+    /// Candidate extent headers whose MD5 resynchronisation computed
+    /// (salvage): what garbage cost beyond scanning it at memory speed.
+    pub candidates_hashed: u64,
 }
 
 impl Summary {
@@ -285,7 +289,7 @@ struct DeviceState {
     size: u64,
     clusters: u64,
     vmstate: bool,
-    seen: ClusterBitmap,
+    seen: ClusterSet,
     vmstate_next: u64,
     /// Neither duplicates nor completeness checked (see [`Archive::unchecked_device`]).
     unchecked: bool,
@@ -317,6 +321,9 @@ pub struct Archive<R> {
 }
 
 const MAX_RECORDED_DAMAGE: usize = 1000;
+/// Extent data is hashed on a second thread in pieces of this size; an
+/// extent of at most one piece is hashed on the reading thread.
+const HASH_PIECE: usize = 512 * 1024;
 const RESYNC_CHUNK: usize = 1 << 20;
 
 impl<R: Read> Archive<R> {
@@ -334,7 +341,7 @@ impl<R: Read> Archive<R> {
                 size: d.size,
                 clusters: d.clusters(),
                 vmstate: d.is_vmstate(),
-                seen: ClusterBitmap::new(if d.is_vmstate() { 0 } else { d.clusters() }),
+                seen: ClusterSet::new(if d.is_vmstate() { 0 } else { d.clusters() }),
                 vmstate_next: 0,
                 unchecked: false,
             });
@@ -396,7 +403,9 @@ impl<R: Read> Archive<R> {
         let mut summary = Summary::default();
         let mut data: Vec<u8> = Vec::new();
         let mut index = 0u64;
-        let mut crc_worker = CrcWorker::start();
+        // Started with the first extent big enough to be hashed in pieces
+        // (a thread costs more than hashing a small extent on this one).
+        let mut crc_worker: Option<Option<CrcWorker>> = None;
         loop {
             let (loc, extent, usable, blocks) = match self.next_extent(&mut index, &mut summary)? {
                 NextExtent::End => break,
@@ -412,7 +421,12 @@ impl<R: Read> Archive<R> {
             if data.len() < need {
                 data.resize(need, 0);
             }
-            let (got, data_crc) = match (extent.data_checksum(), crc_worker.as_mut()) {
+            let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
+                crc_worker.get_or_insert_with(CrcWorker::start).as_mut()
+            } else {
+                None
+            };
+            let (got, data_crc) = match (extent.data_checksum(), worker) {
                 (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
                 _ => (self.read_full(&mut data[..need]), None),
             };
@@ -488,7 +502,7 @@ impl<R: Read> Archive<R> {
             Err(problem) => {
                 let err = Error::damaged(Some(loc), problem);
                 tolerate(salvage, summary, err)?;
-                return self.resync_after(*index, &head, offset);
+                return self.resync_after(*index, &head, offset, summary);
             }
         };
 
@@ -526,7 +540,7 @@ impl<R: Read> Archive<R> {
                 ),
             );
             tolerate(salvage, summary, err)?;
-            return self.resync_after(*index, &head, offset);
+            return self.resync_after(*index, &head, offset, summary);
         }
         Ok(NextExtent::Found {
             loc,
@@ -543,8 +557,9 @@ impl<R: Read> Archive<R> {
         index: u64,
         head: &[u8; EXTENT_HEADER_SIZE],
         offset: u64,
+        summary: &mut Summary,
     ) -> Result<NextExtent, Error> {
-        Ok(if self.resync(index, &head[1..], offset + 1)? {
+        Ok(if self.resync(index, &head[1..], offset + 1, summary)? {
             NextExtent::Skipped
         } else {
             NextExtent::End
@@ -704,21 +719,57 @@ impl<R: Read> Archive<R> {
     /// `start_offset`, whose bytes begin with `start` (already consumed), and
     /// arranges for reading to go on from there. False at the end of input.
     /// `index` numbers the extent being looked for (for messages).
-    fn resync(&mut self, index: u64, start: &[u8], start_offset: u64) -> Result<bool, Error> {
+    ///
+    /// Candidates are found cheaply before any MD5 is computed: by the
+    /// archive's uuid (bytes 8..24 of every extent header) with `memmem`, then
+    /// the magic, the reserved field and a block count that matches the
+    /// masks (what [`run`](Self::run) would refuse anyway). A candidate equal
+    /// to the last one whose MD5 failed is not hashed again (repeated
+    /// garbage). What remains costs one MD5 per candidate: garbage built to
+    /// pass every cheap check can force one per 24 bytes.
+    fn resync(
+        &mut self,
+        index: u64,
+        start: &[u8],
+        start_offset: u64,
+        summary: &mut Summary,
+    ) -> Result<bool, Error> {
+        const UUID_AT: usize = 8;
+        const UUID_END: usize = UUID_AT + 16;
         let uuid = self.header.uuid();
+        let finder = memchr::memmem::Finder::new(&uuid);
+        let mut rejected = [0u8; EXTENT_HEADER_SIZE];
+        let mut have_rejected = false;
         let mut buf = start.to_vec();
         let mut base = start_offset;
-        let mut from = 0usize;
+        // Where the next uuid may start in `buf`.
+        let mut search = UUID_AT;
         loop {
             let mut incomplete = None;
-            while let Some(i) = find_magic(&buf[from..]) {
-                let c = from + i;
+            while search + 16 <= buf.len() {
+                let Some(i) = finder.find(&buf[search..]) else {
+                    break;
+                };
+                let c = search + i - UUID_AT;
                 if buf.len() - c < EXTENT_HEADER_SIZE {
                     incomplete = Some(c);
                     break;
                 }
+                search += i + 1;
                 let candidate: &[u8; EXTENT_HEADER_SIZE] =
                     buf[c..c + EXTENT_HEADER_SIZE].try_into().expect("512");
+                if candidate[..4] != crate::extent::EXTENT_MAGIC
+                    || candidate[4..6] != [0, 0]
+                    || (have_rejected && *candidate == rejected)
+                {
+                    continue;
+                }
+                if !block_count_matches(candidate) {
+                    rejected = *candidate;
+                    have_rejected = true;
+                    continue;
+                }
+                summary.candidates_hashed += 1;
                 if ExtentHeader::is_valid(candidate, &uuid) {
                     let mut rest = buf[c..].to_vec();
                     rest.extend_from_slice(&self.pushback[self.pushback_pos..]);
@@ -727,13 +778,14 @@ impl<R: Read> Archive<R> {
                     self.pos = base + c as u64;
                     return Ok(true);
                 }
-                from = c + 1;
+                rejected = *candidate;
+                have_rejected = true;
             }
-            let keep =
-                incomplete.unwrap_or_else(|| buf.len().saturating_sub(3).max(from.min(buf.len())));
+            // Keep what a candidate not yet ruled out may start with.
+            let keep = incomplete.unwrap_or(buf.len().saturating_sub(UUID_END - 1));
             buf.drain(..keep);
             base += keep as u64;
-            from = 0;
+            search = search.saturating_sub(keep).max(UUID_AT);
             let old = buf.len();
             buf.resize(old + RESYNC_CHUNK, 0);
             let got = self.read_full(&mut buf[old..]).map_err(|e| {
@@ -763,7 +815,7 @@ impl<R: Read> Archive<R> {
         buf: &mut [u8],
         worker: &mut CrcWorker,
     ) -> (io::Result<usize>, Option<u32>) {
-        const PIECE: usize = 512 * 1024;
+        const PIECE: usize = HASH_PIECE;
         let len = buf.len();
         // Every piece is derived from this one pointer, so reading into a
         // later piece never reborrows the pieces the worker is hashing.
@@ -1053,9 +1105,19 @@ impl Drop for PendingPieces<'_> {
     }
 }
 
-fn find_magic(hay: &[u8]) -> Option<usize> {
-    hay.windows(4)
-        .position(|w| w == crate::extent::EXTENT_MAGIC)
+/// Whether an extent header's block count is the sum of the blocks its
+/// masks name (slots with a device id), as [`Archive::run`] requires.
+fn block_count_matches(raw: &[u8; EXTENT_HEADER_SIZE]) -> bool {
+    let count = u16::from_be_bytes([raw[6], raw[7]]) as u32;
+    let blocks: u32 = raw[40..]
+        .chunks_exact(8)
+        .map(|slot| {
+            let v = u64::from_be_bytes(slot.try_into().expect("8 bytes"));
+            // mask: the top 16 bits; dev_id: bits 32..40.
+            ((v >> 48) as u16).count_ones() * ((v >> 32) as u8 != 0) as u32
+        })
+        .sum();
+    blocks == count
 }
 
 /// Without salvage, `err` ends the read; with it, `err` is recorded and

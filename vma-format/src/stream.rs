@@ -23,8 +23,8 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
-use crate::bitmap::ClusterBitmap;
 use crate::cluster::{BlockMask, Cluster};
+use crate::clusterset::ClusterSet;
 use crate::error::{Error, Location};
 use crate::{
     clusters_for, CLUSTER_SIZE, MAX_BLOB_SIZE, MAX_DEVICES, MAX_DEVICE_SIZE, VMSTATE_NAME,
@@ -278,7 +278,7 @@ struct DeviceState {
     clusters: u64,
     size: u64,
     vmstate: bool,
-    seen: ClusterBitmap,
+    seen: ClusterSet,
     received: u64,
 }
 
@@ -309,8 +309,8 @@ struct DeviceState {
 /// | a cluster never sent | `device …: cluster N missing` |
 /// | bytes after the end record | `data after the end record` |
 ///
-/// Memory: one 64 KiB record buffer, a 256 KiB read buffer, and one bit per
-/// cluster received.
+/// Memory: one 64 KiB record buffer, a 256 KiB read buffer, and a
+/// [`ClusterSet`] per device (a few bytes per run of clusters received).
 pub struct StreamReader<R: Read> {
     inner: BufReader<R>,
     backup_time: i64,
@@ -402,7 +402,7 @@ impl<R: Read> StreamReader<R> {
                     clusters,
                     size: d.size,
                     vmstate,
-                    seen: ClusterBitmap::new(if vmstate { 0 } else { clusters }),
+                    seen: ClusterSet::new(if vmstate { 0 } else { clusters }),
                     received: 0,
                 }
             })

@@ -2,8 +2,8 @@
 
 use std::io::Write;
 
-use crate::bitmap::ClusterBitmap;
 use crate::cluster::{BlockMask, Cluster};
+use crate::clusterset::ClusterSet;
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::header::HeaderBuilder;
@@ -34,7 +34,7 @@ struct DeviceState {
     size: u64,
     clusters: u64,
     vmstate: bool,
-    seen: ClusterBitmap,
+    seen: ClusterSet,
     vmstate_next: u64,
     zero_bytes: u64,
 }
@@ -105,7 +105,7 @@ impl<W: Write> Writer<W> {
                     size: *size,
                     clusters: clusters_for(*size),
                     vmstate,
-                    seen: ClusterBitmap::new(if vmstate { 0 } else { clusters_for(*size) }),
+                    seen: ClusterSet::new(if vmstate { 0 } else { clusters_for(*size) }),
                     vmstate_next: 0,
                     zero_bytes: 0,
                 }

@@ -383,6 +383,8 @@ pub fn verify_reader<R: Read>(name: &str, input: R) -> ArchiveReport {
         .iter()
         .map(|c| {
             (
+                // JSON escapes control characters itself; the text reports
+                // never print config names.
                 String::from_utf8_lossy(c.c_name()).into_owned(),
                 c.data.len() as u64,
             )
@@ -589,6 +591,25 @@ mod tests {
         assert_eq!(v["devices"][0]["vmstate"], true);
         assert_eq!(v["devices"][0]["clusters_total"], Value::Null);
         assert_eq!(v["devices"][0]["clusters"], 2);
+    }
+
+    #[test]
+    fn device_names_are_escaped_in_the_reports() {
+        let mut bytes = archive(4096, |_| vec![1; 10], true);
+        let at = bytes.windows(11).position(|w| w == b"drive-scsi0").unwrap();
+        bytes[at..at + 11].copy_from_slice(b"d\n dev 9 \x1b]");
+        let size = u32::from_be_bytes(bytes[56..60].try_into().unwrap()) as usize;
+        vma_format::header::update_checksum(&mut bytes[..size]);
+        let report = verify_reader("n.vma", &bytes[..]);
+        assert_eq!(report.status, Status::Ok, "{:?}", report.error);
+        assert_eq!(
+            report.device_lines(),
+            vec!["  dev 1 d\\x0a dev 9 \\x1b]: size 4096, 1 of 1 clusters, stored 4096 bytes, zero 0 bytes (0% sparse)"]
+        );
+        assert_eq!(
+            report.to_json()["devices"][0]["name"],
+            "d\\x0a dev 9 \\x1b]"
+        );
     }
 
     #[test]

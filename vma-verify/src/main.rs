@@ -54,8 +54,18 @@ fn main() -> ExitCode {
     }
     let mut worst = exit::OK;
     let stdout = io::stdout();
+    // Once the reader of the reports has gone (EPIPE), stop printing them
+    // but go on verifying: the exit status is still the verdict.
+    let mut reader_gone = false;
     for path in &args.archives {
         let report = vma_verify::verify_path(path);
+        if reader_gone {
+            if let Some(line) = report.error_line() {
+                eprintln!("{line}");
+            }
+            worst = worst.max(report.exit_code());
+            continue;
+        }
         let mut out = stdout.lock();
         let written = if args.json {
             writeln!(out, "{}", report.to_json())
@@ -72,8 +82,11 @@ fn main() -> ExitCode {
             Ok(())
         };
         if let Err(e) = written.and_then(|()| out.flush()) {
-            eprintln!("vma-verify: stdout: {e}");
-            return ExitCode::from(exit::IO as u8);
+            if !vma_cli::pipe::is_broken_pipe(&e) {
+                eprintln!("vma-verify: stdout: {e}");
+                return ExitCode::from(exit::IO as u8);
+            }
+            reader_gone = true;
         }
         if let Some(line) = report.error_line() {
             eprintln!("{line}");

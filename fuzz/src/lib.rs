@@ -1,0 +1,177 @@
+//! What the fuzz targets share: the runs of each parser, and the checksum
+//! repairs that let mutated inputs past the MD5s and CRCs.
+//!
+//! Every target takes its first byte as a mode and the rest as the input.
+//! Bit 0 of the mode: repair the checksums after mutation (the header MD5,
+//! each extent's MD5 and data CRC-32, the stream's preamble and record
+//! CRC-32s), so that the fuzzer reaches the checks behind them; without it the
+//! input is parsed exactly as given. Bit 1 (archive target): read in salvage
+//! mode. Findings are replayed by `vma-format/tests/fuzz_regressions.rs`,
+//! which calls these same functions.
+//!
+//! To add a target (e.g. a new parser): a `run_*` function here, a file in
+//! `fuzz_targets/` calling it through [`split_mode`], a `[[bin]]` in
+//! `Cargo.toml`, seeds in `vma-format/examples/fuzz_seeds.rs`, and its name in
+//! `scripts/fuzz.sh`'s list.
+
+use std::io::Read;
+
+use vma_format::extent::{update_checksum as update_extent_md5, DATA_CHECKSUM_MASK, EXTENT_MAGIC};
+use vma_format::header::update_checksum as update_header_md5;
+use vma_format::stream::{
+    StreamReader, MAGIC as STREAM_MAGIC, PREAMBLE_FIXED_SIZE, RECORD_HEADER_SIZE,
+};
+use vma_format::{
+    Archive, ReadOptions, VmaHeader, BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_FIXED_SIZE,
+};
+
+/// Bit 0 of the mode byte: repair checksums.
+pub const MODE_REPAIR: u8 = 1;
+/// Bit 1 of the mode byte: salvage (archive target).
+pub const MODE_SALVAGE: u8 = 2;
+
+/// Splits off the mode byte; `None` for an empty input.
+pub fn split_mode(data: &[u8]) -> Option<(u8, &[u8])> {
+    data.split_first().map(|(m, rest)| (*m, rest))
+}
+
+/// The header parser, from a slice and from a reader (which must agree).
+pub fn run_header(mode: u8, input: &[u8]) {
+    let mut buf = input.to_vec();
+    if mode & MODE_REPAIR != 0 {
+        repair_header(&mut buf);
+    }
+    let parsed = VmaHeader::parse(&buf);
+    let read = VmaHeader::read_from(&mut &buf[..]);
+    match (&parsed, &read) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a.header_size(), b.header_size());
+            assert_eq!(a.devices(), b.devices());
+            assert_eq!(a.configs(), b.configs());
+            for d in a.devices() {
+                assert!(d.size > 0 && d.size <= vma_format::MAX_DEVICE_SIZE);
+                let _ = vma_format::names::check_file_name(d.c_name());
+            }
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("parse and read_from disagree: {parsed:?} / {read:?}"),
+    }
+}
+
+/// The archive reader with the verify sink, as `vma-verify` runs it.
+pub fn run_archive(mode: u8, input: &[u8]) {
+    let mut buf = input.to_vec();
+    if mode & MODE_REPAIR != 0 {
+        repair_archive(&mut buf);
+    }
+    let options = ReadOptions {
+        salvage: mode & MODE_SALVAGE != 0,
+    };
+    let Ok(mut archive) = Archive::with_options(&buf[..], options) else {
+        return;
+    };
+    let mut sink = vma_verify::VerifySink::new(archive.header());
+    if let Ok(summary) = archive.run(&mut sink) {
+        assert_eq!(summary.clusters, sink.clusters());
+        assert!(summary.bytes_read <= buf.len() as u64);
+    }
+}
+
+/// The cluster-stream reader, read to its end or first error.
+pub fn run_stream(mode: u8, input: &[u8]) {
+    let mut buf = input.to_vec();
+    if mode & MODE_REPAIR != 0 {
+        repair_stream(&mut buf);
+    }
+    let Ok(mut reader) = StreamReader::new(&buf[..]) else {
+        return;
+    };
+    let mut n = 0u64;
+    loop {
+        match reader.next_cluster() {
+            Ok(Some(c)) => {
+                assert_eq!(c.data.len(), c.mask.data_len());
+                n += 1;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                assert!(reader.next_cluster().is_err());
+                break;
+            }
+        }
+    }
+    assert!(n < reader.records() + 1);
+    let _ = reader.into_inner().bytes().count();
+}
+
+/// Recomputes the header MD5 if the header size field fits the input.
+pub fn repair_header(buf: &mut [u8]) -> Option<usize> {
+    if buf.len() < HEADER_FIXED_SIZE || buf[..4] != *b"VMA\0" {
+        return None;
+    }
+    let size = u32::from_be_bytes(buf[56..60].try_into().unwrap()) as usize;
+    if size < HEADER_FIXED_SIZE || size > buf.len() {
+        return None;
+    }
+    update_header_md5(&mut buf[..size]);
+    Some(size)
+}
+
+/// Repairs the header, then walks the extents: each one's data CRC-32 (if
+/// it has the checksum slot) and MD5, stepping by its block count.
+pub fn repair_archive(buf: &mut [u8]) {
+    let Some(mut pos) = repair_header(buf) else {
+        return;
+    };
+    while pos + EXTENT_HEADER_SIZE <= buf.len() {
+        if buf[pos..pos + 4] != EXTENT_MAGIC {
+            pos += EXTENT_HEADER_SIZE;
+            continue;
+        }
+        let blocks = u16::from_be_bytes([buf[pos + 6], buf[pos + 7]]) as usize;
+        let data = pos + EXTENT_HEADER_SIZE;
+        let end = data + blocks * BLOCK_SIZE;
+        let slot = pos + 40 + 8 * 58;
+        if u16::from_be_bytes([buf[slot], buf[slot + 1]]) == DATA_CHECKSUM_MASK && end <= buf.len()
+        {
+            let crc = crc32fast::hash(&buf[data..end]);
+            buf[slot + 4..slot + 8].copy_from_slice(&crc.to_be_bytes());
+        }
+        let head: &mut [u8; EXTENT_HEADER_SIZE] = (&mut buf[pos..pos + EXTENT_HEADER_SIZE])
+            .try_into()
+            .unwrap();
+        update_extent_md5(head);
+        pos = end;
+    }
+}
+
+/// Recomputes the preamble CRC and every record's CRC-32 that fits.
+pub fn repair_stream(buf: &mut [u8]) {
+    if buf.len() < PREAMBLE_FIXED_SIZE || buf[..8] != STREAM_MAGIC {
+        return;
+    }
+    let count = u16::from_be_bytes([buf[20], buf[21]]) as usize;
+    let mut pos = PREAMBLE_FIXED_SIZE;
+    for _ in 0..count {
+        if pos + 10 > buf.len() {
+            return;
+        }
+        pos += 10 + u16::from_be_bytes([buf[pos + 8], buf[pos + 9]]) as usize;
+    }
+    if pos + 4 > buf.len() {
+        return;
+    }
+    let crc = crc32fast::hash(&buf[..pos]);
+    buf[pos..pos + 4].copy_from_slice(&crc.to_be_bytes());
+    pos += 4;
+    while pos + RECORD_HEADER_SIZE <= buf.len() {
+        let len = u32::from_be_bytes(buf[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        let end = pos + RECORD_HEADER_SIZE + len;
+        if end + 4 > buf.len() {
+            return;
+        }
+        let crc = crc32fast::hash(&buf[pos..end]);
+        buf[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+        pos = end + 4;
+    }
+}
