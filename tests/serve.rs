@@ -1072,3 +1072,108 @@ fn a_signal_while_indexing_ends_it_at_once() {
     assert_eq!(fs::read_dir(&cache).unwrap().count(), 0);
     drop(stdin);
 }
+
+/// A signal while `--save-index` is writing the index (before serving)
+/// removes the half-written temporary file: nothing is left beside the
+/// archive. The temporary name (ARCHIVE.vmaidx.PID.tmp) is made a FIFO
+/// before the tool starts, so the write blocks there until the test has
+/// seen it begin (its open of the FIFO returns only once the tool has
+/// opened it) and the signal comes mid-write, whatever the machine's speed.
+#[test]
+fn a_signal_while_saving_the_index_removes_it() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let work = tempfile::tempdir().unwrap();
+    // 16384 clusters (1 GiB, all zero): a 128 KiB index, more than a pipe
+    // holds, so writing it blocks while nobody reads the FIFO.
+    let image = work.path().join("zero.raw");
+    fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
+    let archive = work.path().join("zero.vma");
+    ok(Command::new(bin("vma-encode"))
+        .arg("-o")
+        .arg(&archive)
+        .arg(format!("drive-scsi0={}", image.display())));
+    fs::remove_file(&image).unwrap();
+    let idx = PathBuf::from(format!("{}.vmaidx", archive.display()));
+    // "<idx>.<pid>.tmp" built in the child before exec without allocating:
+    // the prefix and room for the digits are prepared here.
+    let prefix = format!("{}.", idx.display());
+    let mut path_buf = prefix.as_bytes().to_vec();
+    let digits_at = path_buf.len();
+    path_buf.resize(digits_at + 32, 0);
+    let socket = work.path().join("nbd.sock");
+    let mut cmd = Command::new(bin("vma-decode"));
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--save-index")
+        .arg(&archive)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls getpid and mkfifo (async-signal-safe) on memory it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut pid = libc::getpid() as u64;
+            let mut digits = [0u8; 20];
+            let mut n = 0;
+            loop {
+                digits[n] = b'0' + (pid % 10) as u8;
+                n += 1;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            let mut at = digits_at;
+            for i in (0..n).rev() {
+                path_buf[at] = digits[i];
+                at += 1;
+            }
+            path_buf[at..at + 4].copy_from_slice(b".tmp");
+            path_buf[at + 4] = 0;
+            if libc::mkfifo(path_buf.as_ptr().cast(), 0o600) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let tmp = PathBuf::from(format!("{prefix}{}.tmp", child.id()));
+    // Returns once the tool has opened the FIFO to write the index into it.
+    let c_tmp = CString::new(tmp.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe { libc::open(c_tmp.as_ptr(), libc::O_RDONLY) };
+    assert!(
+        fd >= 0,
+        "open {}: {}",
+        tmp.display(),
+        std::io::Error::last_os_error()
+    );
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(fd) };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{log}");
+    assert!(
+        log.ends_with("vma-decode serve: interrupted by SIGTERM: removed 1 partial output\n"),
+        "{log}"
+    );
+    assert!(!tmp.exists(), "temporary index left behind");
+    assert!(!idx.exists(), "index saved");
+    assert!(!socket.exists());
+    let mut names: Vec<_> = fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["zero.vma"]);
+}

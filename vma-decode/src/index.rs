@@ -331,12 +331,15 @@ impl ArchiveIndex {
 
     /// Writes the index to `path` for the archive `stamp` describes: under
     /// a temporary name in the same directory, synced, then renamed, so a
-    /// reader never sees half an index.
+    /// reader never sees half an index; the temporary file is removed on an
+    /// error, or on a signal ([`vma_cli::signals::exit_removing_partials`]).
     pub fn save(&self, path: &Path, stamp: &ArchiveStamp) -> io::Result<()> {
         let bytes = self.encode(stamp);
         let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
         tmp_name.push(format!(".{}.tmp", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
+        // A signal before the rename (serve is not listening yet) removes it.
+        let _partial = vma_cli::signals::remove_on_signal(&tmp);
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
