@@ -18,14 +18,19 @@
 # Usage: benches/serve.sh [WORKDIR]   (needs ~16 GiB free; python3, qemu-utils, zstd)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$(mktemp -d /var/tmp/vma-serve-bench.XXXXXX)}
+made_work=""
+if [ -n "${1:-}" ]; then work=$1; else work=$(mktemp -d /var/tmp/vma-serve-bench.XXXXXX); made_work=1; fi
 mkdir -p "$work"
 cd "$work"
 work=$(pwd)
 pids=()
+# Everything it writes (GiBs) goes, however it ends.
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"/big.vma* "$work"/out-* "$work"/*.qcow2 "$work"/cache "$work"/*.sock "$work"/fifo
+  cd /
+  rm -rf "$work"/big.vma* "$work"/out-* "$work"/*.qcow2 "$work"/cache "$work"/*.sock "$work"/fifo \
+    "$work"/disk.raw "$work"/R.vma "$work"/R0.vma "$work"/R.vma.zst "$work"/reads.txt "$work"/serve.log
+  if [ -n "$made_work" ]; then rmdir "$work" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 
