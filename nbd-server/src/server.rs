@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use crate::backend::Backend;
 use crate::conn::{Connection, Export};
 use crate::limits::Limits;
+use crate::sync::lock;
 use crate::MAX_STRING;
 
 /// Why an export could not be added to a [`Server`].
@@ -357,12 +358,6 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// Locks ignoring poisoning: the protected data stays consistent because no
-/// code panics while holding these locks.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
@@ -510,12 +505,19 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
             };
             // A connection's end, clean or not, concerns only that client.
             let timeouts = stream.try_clone();
+            let killer = stream.try_clone();
+            let kill = || {
+                if let Ok(s) = &killer {
+                    s.shutdown();
+                }
+            };
             let conn = Connection::new(
                 reader,
                 stream,
                 &shared2.exports,
                 &shared2.stopping,
                 &shared2.limits,
+                &kill,
             );
             let _ = conn.run(|| {
                 // In transmission the receive timeout is a tick at which a
