@@ -33,6 +33,19 @@ pub fn wait_timeout<'a, T>(
     (g, t.timed_out())
 }
 
+/// Waits on `cond` with `guard` while `condition` holds, for at most
+/// `timeout`, poisoned or not.
+pub fn wait_timeout_while<'a, T>(
+    cond: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+    condition: impl FnMut(&mut T) -> bool,
+) -> MutexGuard<'a, T> {
+    cond.wait_timeout_while(guard, timeout, condition)
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+}
+
 /// Takes `l` shared, poisoned or not.
 pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())

@@ -42,7 +42,7 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nbd_server::sync::{lock, read, write};
+use nbd_server::sync::{lock, read, wait_timeout_while, write};
 use nbd_server::Backend;
 use vma_format::{Cluster, CLUSTER_SIZE};
 
@@ -240,11 +240,7 @@ impl Engine {
         }
         let mut busy = lock(&self.busy);
         if busy.as_ref().is_some_and(|b| b.is_over()) {
-            busy = self
-                .ended
-                .wait_timeout_while(busy, Duration::from_secs(10), |b| b.is_some())
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            busy = wait_timeout_while(&self.ended, busy, Duration::from_secs(10), |b| b.is_some());
         }
         if let Some(b) = busy.as_ref() {
             return Err(BeginError::Busy(b.time()));

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nbd_server::sync::{lock, wait};
+use nbd_server::sync::{lock, wait, wait_timeout_while};
 use vma_format::zero::pack_cluster_in_place;
 
 use super::backup::ReadError;
@@ -279,10 +279,7 @@ impl Clock for NapClock<'_> {
         // `over` is set under `abort_reason`, and `wake_all` takes `nap`
         // before notifying, so a wake-up cannot slip in between this check
         // and the wait.
-        let _ = b
-            .nap_cond
-            .wait_timeout_while(guard, d, |_| !b.is_over())
-            .unwrap_or_else(|e| e.into_inner());
+        drop(wait_timeout_while(&b.nap_cond, guard, d, |_| !b.is_over()));
     }
 }
 
