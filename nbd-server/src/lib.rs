@@ -115,16 +115,17 @@ mod file;
 mod limits;
 mod proto;
 mod server;
+mod socket;
 pub mod sync;
 
 pub use backend::{Backend, Extent, ZeroFlags};
 pub use conn::MAX_IN_FLIGHT;
 pub use file::FileBackend;
 pub use server::{
-    bind_unix_socket, ExportError, Listener, Server, ServerHandle, ServerStats,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PAYLOAD_MEMORY,
-    DEFAULT_REQUEST_TIMEOUT,
+    ExportError, Server, ServerHandle, ServerStats, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_PAYLOAD_MEMORY, DEFAULT_REQUEST_TIMEOUT,
 };
+pub use socket::{bind_unix_socket, Listener};
 
 /// Largest read or write payload accepted in one request: 32 MiB, advertised
 /// as the maximum block size.

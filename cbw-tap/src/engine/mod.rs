@@ -10,12 +10,12 @@
 //!    then the write itself). Taking it exclusively is the **instant**: the
 //!    in-flight writes finish, new ones wait (std's `RwLock` prefers
 //!    writers), the new backup — every cluster of every export
-//!    [`NotCopied`](ClusterState::NotCopied) — is installed, and the lock is
+//!    [`NotCopied`](crate::states::ClusterState::NotCopied) — is installed, and the lock is
 //!    released. Guest reads never touch it.
-//! 3. One mutex per export around its [`ClusterStates`], with a condition
+//! 3. One mutex per export around its [`ClusterStates`](crate::states::ClusterStates), with a condition
 //!    variable for "a cluster stopped being `Copying`". Never held during
 //!    I/O or while waiting for the queue.
-//! 4. The [`CaptureQueue`] mutex (innermost, never held with another).
+//! 4. The [`CaptureQueue`](crate::queue::CaptureQueue) mutex (innermost, never held with another).
 //!
 //! # Who copies a cluster
 //!
