@@ -13,7 +13,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use rustix::io::Errno;
+use holes::HoleFinder;
 use vma_format::{clusters_for, Writer, CLUSTER_SIZE};
 
 use crate::progress::Progress;
@@ -91,29 +91,13 @@ impl ImageSource {
         self.path.display().to_string()
     }
 
-    /// The next range of data at or after `offset`, as (start, end), or None
-    /// if only holes follow. Where the file system cannot say (block
-    /// devices, `EINVAL`), everything from `offset` on is data.
-    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        if offset >= self.real_size {
-            return Ok(None);
-        }
+    /// Its data and holes (block devices: all data).
+    fn hole_finder(&self) -> HoleFinder<'_> {
         if self.block_device {
-            return Ok(Some((offset, self.real_size)));
+            HoleFinder::all_data(self.real_size)
+        } else {
+            HoleFinder::new(&self.file, self.real_size)
         }
-        let start = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
-            Ok(s) => s,
-            Err(Errno::NXIO) => return Ok(None),
-            Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => return Ok(Some((offset, self.real_size))),
-            Err(e) => return Err(e.into()),
-        };
-        let end = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(start)) {
-            Ok(e) => e,
-            // The file shrank since: no data here after all.
-            Err(Errno::NXIO) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Some((start, end.min(self.real_size))))
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file
@@ -146,9 +130,10 @@ impl ImageSource {
         let read_err =
             |e: io::Error| EncodeError::io(&format!("{}: read failed", self.shown()), &e);
         let mut c = 0u64;
-        let mut seg = self.next_data(0).map_err(read_err)?;
+        let mut holes = self.hole_finder();
+        let mut seg = holes.next_data(0).map_err(read_err)?;
         while c < clusters {
-            let Some((start, end)) = seg else {
+            let Some(std::ops::Range { start, end }) = seg else {
                 self.zero_clusters(dev_id, c, clusters, writer, progress)?;
                 break;
             };
@@ -169,7 +154,7 @@ impl ImageSource {
                 progress.clusters(dev_id, c, n as u64, zero);
                 c += n as u64;
             }
-            seg = self.next_data(c * cs).map_err(read_err)?;
+            seg = holes.next_data(c * cs).map_err(read_err)?;
         }
         Ok(())
     }

@@ -135,7 +135,8 @@ impl VmaHeader {
     /// `header_size` bytes. Never allocates more than the bytes that arrive.
     pub fn read_from<R: Read + ?Sized>(input: &mut R) -> Result<VmaHeader, Error> {
         let mut raw = vec![0u8; HEADER_FIXED_SIZE];
-        let got = read_full(input, &mut raw)?;
+        let got = crate::read_full(input, &mut raw)
+            .map_err(|e| Error::io(Some(Location::Header), "read failed", e))?;
         if got == 0 {
             return Err(damaged("not a VMA archive: the input is empty"));
         }
@@ -356,20 +357,6 @@ fn header_md5(raw: &[u8]) -> [u8; 16] {
     md5.update([0u8; 16]);
     md5.update(&raw[OFF_MD5 + 16..]);
     md5.finalize().into()
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-pub(crate) fn read_full<R: Read + ?Sized>(input: &mut R, buf: &mut [u8]) -> Result<usize, Error> {
-    let mut got = 0;
-    while got < buf.len() {
-        match input.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(Some(Location::Header), "read failed", e)),
-        }
-    }
-    Ok(got)
 }
 
 /// The blobs of a blob buffer, found the way Proxmox's reader finds them:

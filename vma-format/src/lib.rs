@@ -28,6 +28,7 @@
 
 pub mod cluster;
 pub mod clusterset;
+pub mod devices;
 pub mod error;
 pub mod extent;
 pub mod header;
@@ -39,6 +40,7 @@ pub mod zero;
 
 pub use cluster::{BlockMask, Cluster, ClusterBuf};
 pub use clusterset::ClusterSet;
+pub use devices::{DeviceTracker, Refusal};
 pub use error::{Error, ErrorClass, Location};
 pub use extent::{BlockInfo, ExtentHeader, DATA_CHECKSUM_MASK, DATA_CHECKSUM_VERSION};
 pub use header::{ConfigEntry, DeviceInfo, HeaderBuilder, VmaHeader};
@@ -86,4 +88,23 @@ pub const VMSTATE_NAME: &str = "vmstate";
 /// Clusters needed to hold `size` bytes.
 pub fn clusters_for(size: u64) -> u64 {
     size.div_ceil(CLUSTER_SIZE as u64)
+}
+
+/// Reads until `buf` is full or the input ends, retrying interrupted reads;
+/// returns the bytes read (fewer than `buf.len()` only at the end of input).
+/// The one such loop of the crate: header, archive and stream readers use it.
+pub(crate) fn read_full<R: std::io::Read + ?Sized>(
+    input: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::mpsc;
 
 use crate::cluster::{BlockMask, Cluster};
-use crate::clusterset::ClusterSet;
+use crate::devices::{CheckRules, DeviceTracker, Refusal};
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::header::VmaHeader;
@@ -285,16 +285,6 @@ pub trait IndexSink {
     }
 }
 
-struct DeviceState {
-    size: u64,
-    clusters: u64,
-    vmstate: bool,
-    seen: ClusterSet,
-    vmstate_next: u64,
-    /// Neither duplicates nor completeness checked (see [`Archive::unchecked_device`]).
-    unchecked: bool,
-}
-
 /// A VMA archive being read from `R`.
 ///
 /// ```no_run
@@ -314,7 +304,7 @@ pub struct Archive<R> {
     inner: R,
     header: VmaHeader,
     options: ReadOptions,
-    devices: Vec<Option<DeviceState>>,
+    devices: DeviceTracker,
     pos: u64,
     pushback: Vec<u8>,
     pushback_pos: usize,
@@ -335,16 +325,9 @@ impl<R: Read> Archive<R> {
     /// Reads and checks the header, reading the rest as `options` say.
     pub fn with_options(mut inner: R, options: ReadOptions) -> Result<Archive<R>, Error> {
         let header = VmaHeader::read_from(&mut inner)?;
-        let mut devices: Vec<Option<DeviceState>> = (0..256).map(|_| None).collect();
+        let mut devices = DeviceTracker::new();
         for d in header.devices() {
-            devices[d.id as usize] = Some(DeviceState {
-                size: d.size,
-                clusters: d.clusters(),
-                vmstate: d.is_vmstate(),
-                seen: ClusterSet::new(if d.is_vmstate() { 0 } else { d.clusters() }),
-                vmstate_next: 0,
-                unchecked: false,
-            });
+            devices.declare(d.id, d.size, d.is_vmstate());
         }
         Ok(Archive {
             pos: header.header_size() as u64,
@@ -374,9 +357,7 @@ impl<R: Read> Archive<R> {
     /// remembered of them. For a restore that leaves the device out
     /// (`skip=` in a restore map). An undeclared id is ignored.
     pub fn unchecked_device(&mut self, dev_id: u8) {
-        if let Some(dev) = &mut self.devices[dev_id as usize] {
-            dev.unchecked = true;
-        }
+        self.devices.set_unchecked(dev_id);
     }
 
     /// The input back.
@@ -568,14 +549,7 @@ impl<R: Read> Archive<R> {
 
     /// Remembers that the cluster of `slot` (checked, usable) was handed on.
     fn record(&mut self, slot: &BlockInfo) {
-        let dev = self.devices[slot.dev_id as usize]
-            .as_mut()
-            .expect("checked");
-        if dev.vmstate {
-            dev.vmstate_next = slot.cluster_num as u64 + 1;
-        } else if !dev.unchecked {
-            dev.seen.insert(slot.cluster_num as u64);
-        }
+        self.devices.record(slot.dev_id, slot.cluster_num as u64);
     }
 
     /// Checks one slot against the devices and what was seen; returns the
@@ -590,53 +564,57 @@ impl<R: Read> Archive<R> {
         extent: &ExtentHeader,
         vmstate_next: &mut Option<u64>,
     ) -> Result<(), String> {
-        let Some(dev) = &self.devices[dev_id as usize] else {
-            return Err(format!(
-                "slot {i}: device {dev_id} is not declared in the header"
-            ));
+        let n = cluster_num as u64;
+        let earlier = || {
+            extent.slots()[..i]
+                .iter()
+                .any(|s| s.dev_id == dev_id && s.cluster_num == cluster_num)
         };
+        let rules = CheckRules {
+            vmstate_expected: *vmstate_next,
+            vmstate_gaps: self.options.salvage,
+            repeats_pending: false,
+        };
+        let checked = self
+            .devices
+            .check(dev_id, n, Some(mask), rules)
+            .and_then(|dev| {
+                if !dev.is_vmstate() && !dev.is_unchecked() && earlier() {
+                    Err(Refusal::Duplicate)
+                } else {
+                    Ok(dev)
+                }
+            });
         // Only a problem needs the name: building it is an allocation and a
         // search, and this runs for every cluster.
         let name = || self.device_name(dev_id);
-        let n = cluster_num as u64;
-        if dev.vmstate {
-            let expected = vmstate_next.unwrap_or(dev.vmstate_next);
-            let accept = if self.options.salvage {
-                n >= expected
-            } else {
-                n == expected
-            };
-            if !accept {
-                return Err(format!(
-                    "slot {i}: {} cluster {n} out of order (expected {expected})",
-                    name()
-                ));
+        match checked {
+            Ok(dev) => {
+                if dev.is_vmstate() {
+                    *vmstate_next = Some(n + 1);
+                }
+                Ok(())
             }
-            *vmstate_next = Some(n + 1);
-            return Ok(());
-        }
-        if n >= dev.clusters {
-            return Err(format!(
-                "slot {i}: cluster {n} is past the end of {} ({} clusters)",
+            Err(Refusal::Undeclared) => Err(format!(
+                "slot {i}: device {dev_id} is not declared in the header"
+            )),
+            Err(Refusal::OutOfOrder { expected }) => Err(format!(
+                "slot {i}: {} cluster {n} out of order (expected {expected})",
+                name()
+            )),
+            Err(Refusal::PastEnd { clusters }) => Err(format!(
+                "slot {i}: cluster {n} is past the end of {} ({clusters} clusters)",
                 name(),
-                dev.clusters
-            ));
-        }
-        let allowed = BlockMask::in_device(n, dev.size);
-        if mask.0 & !allowed.0 != 0 {
-            return Err(format!(
+            )),
+            Err(Refusal::MaskPastEnd) => Err(format!(
                 "slot {i}: cluster {n} of {} stores blocks past the device end (mask {:#06x})",
                 name(),
                 mask.0
-            ));
+            )),
+            Err(Refusal::Duplicate) => {
+                Err(format!("slot {i}: cluster {n} of {} appears twice", name()))
+            }
         }
-        let earlier = extent.slots()[..i]
-            .iter()
-            .any(|s| s.dev_id == dev_id && s.cluster_num == cluster_num);
-        if !dev.unchecked && (earlier || dev.seen.contains(n)) {
-            return Err(format!("slot {i}: cluster {n} of {} appears twice", name()));
-        }
-        Ok(())
     }
 
     fn device_name(&self, dev_id: u8) -> String {
@@ -688,27 +666,27 @@ impl<R: Read> Archive<R> {
     /// The end-of-archive check: every cluster of every device present.
     fn check_complete(&self, summary: &mut Summary) -> Result<(), Error> {
         for d in self.header.devices() {
-            let dev = self.devices[d.id as usize].as_ref().expect("declared");
-            if dev.vmstate || dev.unchecked || dev.seen.missing_count() == 0 {
+            let dev = self.devices.device(d.id).expect("declared");
+            if dev.first_missing().is_none() {
                 continue;
             }
-            let count = dev.seen.missing_count();
+            let count = dev.seen().missing_count();
             if !self.options.salvage {
-                let first = dev.seen.first_missing().expect("some are missing");
+                let first = dev.first_missing().expect("some are missing");
                 return Err(Error::damaged(
                     Some(Location::End),
                     format!(
                         "{}: cluster {first} missing ({count} of {} clusters missing)",
                         d.display_name(),
-                        dev.clusters
+                        dev.clusters()
                     ),
                 ));
             }
             summary.missing.push(MissingClusters {
                 dev_id: d.id,
                 name: d.display_name(),
-                clusters: dev.clusters,
-                ranges: dev.seen.missing_ranges(),
+                clusters: dev.clusters(),
+                ranges: dev.seen().missing_ranges(),
                 count,
             });
         }
@@ -864,17 +842,7 @@ impl<R: Read> Archive<R> {
                 self.pushback_pos = 0;
             }
         }
-        while got < buf.len() {
-            match self.inner.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.pos += got as u64;
-                    return Err(e);
-                }
-            }
-        }
+        got += crate::read_full(&mut self.inner, &mut buf[got..])?;
         self.pos += got as u64;
         Ok(got)
     }

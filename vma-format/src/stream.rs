@@ -24,8 +24,9 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::cluster::{BlockMask, Cluster};
-use crate::clusterset::ClusterSet;
+use crate::devices::{CheckRules, DeviceTracker, Refusal};
 use crate::error::{Error, Location};
+use crate::read_full;
 use crate::{
     clusters_for, CLUSTER_SIZE, MAX_BLOB_SIZE, MAX_DEVICES, MAX_DEVICE_SIZE, VMSTATE_NAME,
 };
@@ -274,14 +275,6 @@ fn write_error(e: io::Error) -> Error {
     Error::io(None, "write failed", e)
 }
 
-struct DeviceState {
-    clusters: u64,
-    size: u64,
-    vmstate: bool,
-    seen: ClusterSet,
-    received: u64,
-}
-
 /// Reads a cluster stream from `R`, checking everything.
 ///
 /// [`new`](Self::new) reads and checks the preamble;
@@ -315,7 +308,7 @@ pub struct StreamReader<R: Read> {
     inner: BufReader<R>,
     backup_time: i64,
     devices: Vec<StreamDevice>,
-    state: Vec<DeviceState>,
+    state: DeviceTracker,
     body: Box<[u8]>,
     pos: u64,
     records: u64,
@@ -393,20 +386,10 @@ impl<R: Read> StreamReader<R> {
             devices.push(StreamDevice { name, size });
         }
         check_devices(&devices).map_err(pre_damaged)?;
-        let state = devices
-            .iter()
-            .map(|d| {
-                let vmstate = d.is_vmstate();
-                let clusters = clusters_for(d.size);
-                DeviceState {
-                    clusters,
-                    size: d.size,
-                    vmstate,
-                    seen: ClusterSet::new(if vmstate { 0 } else { clusters }),
-                    received: 0,
-                }
-            })
-            .collect();
+        let mut state = DeviceTracker::new();
+        for (i, d) in devices.iter().enumerate() {
+            state.declare(i as u8 + 1, d.size, d.is_vmstate());
+        }
         Ok(StreamReader {
             inner,
             backup_time,
@@ -570,8 +553,8 @@ impl<R: Read> StreamReader<R> {
     ) -> Result<Option<(u8, u32, BlockMask)>, String> {
         let mask = BlockMask(mask);
         let count = self.devices.len();
-        let (dev, st) = match dev_id.checked_sub(1).map(usize::from) {
-            Some(i) if i < count => (&self.devices[i], &mut self.state[i]),
+        let dev = match dev_id.checked_sub(1).map(usize::from) {
+            Some(i) if i < count => &self.devices[i],
             _ => {
                 return Err(format!(
                     "device id {dev_id} out of range (the stream has {count} devices)"
@@ -585,32 +568,34 @@ impl<R: Read> StreamReader<R> {
                 mask.count()
             ));
         }
-        if st.vmstate {
-            if n as u64 != st.received {
+        match self
+            .state
+            .check(dev_id, n as u64, Some(mask), CheckRules::default())
+        {
+            Ok(_) => {}
+            Err(Refusal::OutOfOrder { expected }) => {
                 return Err(format!(
-                    "vmstate cluster {n} out of order (expected {})",
-                    st.received
-                ));
+                    "vmstate cluster {n} out of order (expected {expected})"
+                ))
             }
-        } else {
-            if n as u64 >= st.clusters {
+            Err(Refusal::PastEnd { clusters }) => {
                 return Err(format!(
-                    "cluster {n} is past the end of {} ({} clusters)",
-                    dev.name, st.clusters
-                ));
+                    "cluster {n} is past the end of {} ({clusters} clusters)",
+                    dev.name
+                ))
             }
-            let allowed = BlockMask::in_device(n as u64, st.size);
-            if mask.0 & !allowed.0 != 0 {
+            Err(Refusal::MaskPastEnd) => {
                 return Err(format!(
                     "cluster {n} of {}: mask {:#06x} names blocks past the end of the device",
                     dev.name, mask.0
-                ));
+                ))
             }
-            if !st.seen.insert(n as u64) {
-                return Err(format!("duplicate cluster {n} of {}", dev.name));
+            Err(Refusal::Duplicate) => {
+                return Err(format!("duplicate cluster {n} of {}", dev.name))
             }
+            Err(Refusal::Undeclared) => unreachable!("ids 1..=count are declared"),
         }
-        st.received += 1;
+        self.state.record(dev_id, n as u64);
         Ok(Some((dev_id, n, mask)))
     }
 
@@ -630,22 +615,23 @@ impl<R: Read> StreamReader<R> {
                 self.devices.len()
             ));
         }
-        for (i, (dev, st)) in self.devices.iter().zip(&self.state).enumerate() {
+        for (i, (dev, (_, st))) in self.devices.iter().zip(self.state.declared()).enumerate() {
             let declared = u64::from_be_bytes(self.body[8 * i..8 * i + 8].try_into().expect("8"));
-            if declared != st.received {
+            if declared != st.accepted() {
                 return Err(format!(
                     "end record: device {}: {declared} records declared, {} received",
-                    dev.name, st.received
+                    dev.name,
+                    st.accepted()
                 ));
             }
         }
-        for (dev, st) in self.devices.iter().zip(&self.state) {
-            if let Some(first) = st.seen.first_missing() {
+        for (dev, (_, st)) in self.devices.iter().zip(self.state.declared()) {
+            if let Some(first) = st.first_missing() {
                 return Err(format!(
                     "device {}: cluster {first} missing ({} of {} clusters missing)",
                     dev.name,
-                    st.seen.missing_count(),
-                    st.clusters
+                    st.seen().missing_count(),
+                    st.clusters()
                 ));
             }
         }
@@ -683,20 +669,6 @@ fn read_exact_pre<R: Read>(r: &mut R, buf: &mut [u8], pos: u64) -> Result<(), Er
         )));
     }
     Ok(())
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]
