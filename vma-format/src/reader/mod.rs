@@ -1,0 +1,410 @@
+//! The streaming reader: header, then extents, checked as they pass, their
+//! clusters pushed into a [`ClusterSink`].
+//!
+//! It never seeks, so it reads pipes. Memory is bounded: one extent's data
+//! (at most 59 × 64 KiB), and a [`ClusterSet`] per device: a few bytes per run
+//! of clusters present, whatever the header claims.
+//!
+//! [`Archive::index`] walks the same extents with the same checks but passes
+//! over their data ([`SkipData`]: a seek in a file) and hands on where each
+//! cluster lies instead of its bytes, for random access to the archive later
+//! (`vma-decode serve`).
+
+use std::io::{self, Read};
+use std::ops::Range;
+
+use crate::cluster::Cluster;
+use crate::devices::DeviceTracker;
+use crate::error::{Error, Location};
+use crate::extent::ExtentHeader;
+use crate::header::VmaHeader;
+use crate::{BLOCK_SIZE, EXTENT_SLOTS};
+
+mod checks;
+mod crc;
+mod index;
+
+use crc::CrcWorker;
+pub use index::{IndexSink, IndexedCluster, IndexedExtent, Seekable, SkipData};
+
+/// What a sink wants after a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on reading.
+    Continue,
+    /// Stop reading; [`Archive::run`] returns with [`Summary::stopped`] set.
+    Stop,
+}
+
+/// Receives what the reader finds. Extract, verify, index and salvage are
+/// sinks over the same reader, so the checks live in the reader once.
+///
+/// The reader calls `begin` once, `cluster` for each cluster in archive order
+/// (each (device, cluster) at most once, every check of it already passed,
+/// data checksum included), then `finish` once if the archive was read to its
+/// end (or a sink asked to stop). An error — from the archive or from the
+/// sink — ends reading without `finish`.
+///
+/// One exception, in salvage mode only: the whole clusters of an extent cut
+/// off by the end of the input are delivered although its data checksum
+/// (which covers the whole extent) cannot be checked — they are the best data
+/// left, and the truncation is recorded in the summary's damage.
+pub trait ClusterSink {
+    /// Called before the first cluster.
+    fn begin(&mut self, _header: &VmaHeader) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Called for each cluster.
+    fn cluster(&mut self, cluster: &Cluster<'_>) -> io::Result<Flow>;
+
+    /// Called after the last cluster and the end-of-archive checks.
+    fn finish(&mut self, _summary: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How to read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadOptions {
+    /// Salvage: skip what is damaged instead of failing — bad extents are
+    /// skipped by resynchronising on the next valid extent header, bad slots
+    /// are skipped, a truncated extent yields its complete clusters — and
+    /// report missing clusters in the summary instead of failing. The header
+    /// must still be intact.
+    pub salvage: bool,
+}
+
+/// Whether the archive's data checksums (our extension) were checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataChecksums {
+    /// Extents whose data checksum was verified.
+    pub verified: u64,
+    /// Extents without a data checksum (all of Proxmox's).
+    pub absent: u64,
+    /// Extents whose data checksum was not checked because their data was
+    /// not read ([`Archive::index`]).
+    pub unchecked: u64,
+}
+
+impl DataChecksums {
+    /// `verified` (every extent had one and it matched), `absent` (no extent
+    /// had one) or `partial` (some had).
+    pub fn describe(&self) -> &'static str {
+        match (self.verified, self.absent) {
+            (0, _) => "absent",
+            (_, 0) => "verified",
+            _ => "partial",
+        }
+    }
+}
+
+/// Clusters of one device that the archive lacks (salvage).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingClusters {
+    /// Device id.
+    pub dev_id: u8,
+    /// Device name (lossy UTF-8).
+    pub name: String,
+    /// Clusters the device has.
+    pub clusters: u64,
+    /// The missing cluster numbers, as ranges.
+    pub ranges: Vec<Range<u64>>,
+    /// How many are missing.
+    pub count: u64,
+}
+
+/// What a read found.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Extents read and accepted.
+    pub extents: u64,
+    /// Clusters pushed to the sink.
+    pub clusters: u64,
+    /// 4 KiB blocks of data pushed.
+    pub data_blocks: u64,
+    /// Bytes of input consumed.
+    pub bytes_read: u64,
+    /// Data checksum status.
+    pub data_checksums: DataChecksums,
+    /// Problems skipped over in salvage mode (the first 1000).
+    pub damage: Vec<Error>,
+    /// How many problems were skipped over.
+    pub damage_count: u64,
+    /// Devices with missing clusters (salvage mode).
+    pub missing: Vec<MissingClusters>,
+    /// The sink asked to stop before the end.
+    pub stopped: bool,
+    /// Candidate extent headers whose MD5 resynchronisation computed
+    /// (salvage): what garbage cost beyond scanning it at memory speed.
+    pub candidates_hashed: u64,
+}
+
+impl Summary {
+    /// Whether nothing was skipped or missing.
+    pub fn is_complete(&self) -> bool {
+        self.damage_count == 0 && self.missing.is_empty() && !self.stopped
+    }
+}
+
+/// What [`Archive::next_extent`] found.
+// Returned once per extent and taken apart at once: boxing the header would
+// cost an allocation per extent for nothing.
+#[allow(clippy::large_enum_variant)]
+enum NextExtent {
+    /// The input ended (or, in salvage mode, was cut off in a header).
+    End,
+    /// A bad extent was skipped (salvage); the input is at the next one.
+    Skipped,
+    /// A checked extent header; the input is at its data.
+    Found {
+        loc: Location,
+        extent: ExtentHeader,
+        /// Slots that passed their checks (all slots with a device id,
+        /// unless in salvage mode).
+        usable: [bool; EXTENT_SLOTS],
+        /// Data blocks that follow.
+        blocks: usize,
+    },
+}
+
+/// A VMA archive being read from `R`.
+///
+/// ```no_run
+/// # use vma_format::{Archive, ClusterSink, Cluster, Flow};
+/// struct Count(u64);
+/// impl ClusterSink for Count {
+///     fn cluster(&mut self, _: &Cluster<'_>) -> std::io::Result<Flow> {
+///         self.0 += 1;
+///         Ok(Flow::Continue)
+///     }
+/// }
+/// let mut archive = Archive::new(std::io::stdin().lock())?;
+/// let summary = archive.run(&mut Count(0))?;
+/// # Ok::<(), vma_format::Error>(())
+/// ```
+pub struct Archive<R> {
+    inner: R,
+    header: VmaHeader,
+    options: ReadOptions,
+    devices: DeviceTracker,
+    pos: u64,
+    pushback: Vec<u8>,
+    pushback_pos: usize,
+}
+
+const MAX_RECORDED_DAMAGE: usize = 1000;
+/// Extent data is hashed on a second thread in pieces of this size; an
+/// extent of at most one piece is hashed on the reading thread.
+const HASH_PIECE: usize = 512 * 1024;
+const RESYNC_CHUNK: usize = 1 << 20;
+
+impl<R: Read> Archive<R> {
+    /// Reads and checks the header.
+    pub fn new(inner: R) -> Result<Archive<R>, Error> {
+        Archive::with_options(inner, ReadOptions::default())
+    }
+
+    /// Reads and checks the header, reading the rest as `options` say.
+    pub fn with_options(mut inner: R, options: ReadOptions) -> Result<Archive<R>, Error> {
+        let header = VmaHeader::read_from(&mut inner)?;
+        let mut devices = DeviceTracker::new();
+        for d in header.devices() {
+            devices.declare(d.id, d.size, d.is_vmstate());
+        }
+        Ok(Archive {
+            pos: header.header_size() as u64,
+            inner,
+            header,
+            options,
+            devices,
+            pushback: Vec::new(),
+            pushback_pos: 0,
+        })
+    }
+
+    /// The checked header.
+    pub fn header(&self) -> &VmaHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Reads device `dev_id` as Proxmox reads a device it skips: its
+    /// clusters are still checked against the header (declared, inside the
+    /// device, in order for `vmstate`) and delivered, but not checked for
+    /// duplicates, nor required complete at the end, and nothing is
+    /// remembered of them. For a restore that leaves the device out
+    /// (`skip=` in a restore map). An undeclared id is ignored.
+    pub fn unchecked_device(&mut self, dev_id: u8) {
+        self.devices.set_unchecked(dev_id);
+    }
+
+    /// The input back.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Reads every extent, checks it, and pushes its clusters into `sink`.
+    ///
+    /// Checked for each extent: magic, header MD5, uuid equal to the
+    /// archive's, reserved field 0, block_count equal to the blocks the masks
+    /// name; for each slot with a device id: the device is declared, the
+    /// cluster lies inside it and has no stored block past its end (for the
+    /// `vmstate` device instead: clusters come in order from 0), the cluster
+    /// was not seen before; the data is complete and, where the extent carries
+    /// one, matches its data checksum. At the end: every cluster of every
+    /// device (but `vmstate`) was present.
+    ///
+    /// Without salvage, the first problem is returned as an error. With it,
+    /// problems are collected in the summary and reading goes on.
+    pub fn run<S: ClusterSink + ?Sized>(&mut self, sink: &mut S) -> Result<Summary, Error> {
+        sink.begin(&self.header).map_err(sink_error)?;
+        let salvage = self.options.salvage;
+        let mut summary = Summary::default();
+        let mut data: Vec<u8> = Vec::new();
+        let mut index = 0u64;
+        // Started with the first extent big enough to be hashed in pieces
+        // (a thread costs more than hashing a small extent on this one).
+        let mut crc_worker: Option<Option<CrcWorker>> = None;
+        loop {
+            let (loc, extent, usable, blocks) = match self.next_extent(&mut index, &mut summary)? {
+                NextExtent::End => break,
+                NextExtent::Skipped => continue,
+                NextExtent::Found {
+                    loc,
+                    extent,
+                    usable,
+                    blocks,
+                } => (loc, extent, usable, blocks),
+            };
+            let need = blocks * BLOCK_SIZE;
+            if data.len() < need {
+                data.resize(need, 0);
+            }
+            let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
+                crc_worker.get_or_insert_with(CrcWorker::start).as_mut()
+            } else {
+                None
+            };
+            let (got, data_crc) = match (extent.data_checksum(), worker) {
+                (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
+                _ => (self.read_full(&mut data[..need]), None),
+            };
+            let got = got.map_err(|e| Error::io(Some(loc), "read failed", e))?;
+            if got < need {
+                let err = Error::damaged(
+                    Some(loc),
+                    format!("truncated: got {got} of {need} data bytes"),
+                );
+                tolerate(salvage, &mut summary, err)?;
+                // Hand over the clusters that arrived whole.
+                if self.deliver(&extent, &usable, &data[..got], sink, &mut summary)? == Flow::Stop {
+                    summary.stopped = true;
+                }
+                break;
+            }
+            match extent.data_checksum() {
+                Some(crc) => {
+                    let actual = data_crc.unwrap_or_else(|| crc32fast::hash(&data[..need]));
+                    if actual != crc {
+                        let err = Error::damaged(Some(loc), "data checksum mismatch");
+                        tolerate(salvage, &mut summary, err)?;
+                        continue;
+                    }
+                    summary.data_checksums.verified += 1;
+                }
+                None => summary.data_checksums.absent += 1,
+            }
+            summary.extents += 1;
+            if self.deliver(&extent, &usable, &data[..need], sink, &mut summary)? == Flow::Stop {
+                summary.stopped = true;
+                break;
+            }
+        }
+        summary.bytes_read = self.pos;
+        if !summary.stopped {
+            self.check_complete(&mut summary)?;
+        }
+        sink.finish(&summary).map_err(sink_error)?;
+        Ok(summary)
+    }
+
+    /// Records and pushes the usable clusters of an extent whose data is
+    /// `data` (complete, or a prefix when the input was truncated).
+    fn deliver<S: ClusterSink + ?Sized>(
+        &mut self,
+        extent: &ExtentHeader,
+        usable: &[bool; EXTENT_SLOTS],
+        data: &[u8],
+        sink: &mut S,
+        summary: &mut Summary,
+    ) -> Result<Flow, Error> {
+        let mut at = 0usize;
+        for (i, slot) in extent.slots().iter().enumerate() {
+            if slot.dev_id == 0 {
+                continue;
+            }
+            let len = slot.mask.data_len();
+            let end = at + len;
+            if end > data.len() {
+                break;
+            }
+            if usable[i] {
+                self.record(slot);
+                let cluster = Cluster {
+                    dev_id: slot.dev_id,
+                    cluster_num: slot.cluster_num,
+                    mask: slot.mask,
+                    data: &data[at..end],
+                };
+                summary.clusters += 1;
+                summary.data_blocks += slot.mask.count() as u64;
+                if sink.cluster(&cluster).map_err(sink_error)? == Flow::Stop {
+                    return Ok(Flow::Stop);
+                }
+            }
+            at = end;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Reads until `buf` is full or the input ends, taking pushed-back bytes
+    /// first; returns the bytes read.
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        if self.pushback_pos < self.pushback.len() {
+            let n = buf.len().min(self.pushback.len() - self.pushback_pos);
+            buf[..n].copy_from_slice(&self.pushback[self.pushback_pos..self.pushback_pos + n]);
+            self.pushback_pos += n;
+            got = n;
+            if self.pushback_pos == self.pushback.len() {
+                self.pushback = Vec::new();
+                self.pushback_pos = 0;
+            }
+        }
+        got += crate::read_full(&mut self.inner, &mut buf[got..])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// Without salvage, `err` ends the read; with it, `err` is recorded and
+/// reading goes on.
+fn tolerate(salvage: bool, summary: &mut Summary, err: Error) -> Result<(), Error> {
+    if !salvage {
+        return Err(err);
+    }
+    summary.damage_count += 1;
+    if summary.damage.len() < MAX_RECORDED_DAMAGE {
+        summary.damage.push(err);
+    }
+    Ok(())
+}
+
+fn sink_error(e: io::Error) -> Error {
+    Error::io(None, "output failed", e)
+}
