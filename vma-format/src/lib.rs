@@ -34,6 +34,7 @@ pub mod extent;
 pub mod header;
 pub mod names;
 pub mod reader;
+pub mod source;
 pub mod stream;
 pub mod writer;
 pub mod zero;
@@ -48,6 +49,7 @@ pub use reader::{
     Archive, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster, IndexedExtent,
     ReadOptions, Seekable, SkipData, Summary,
 };
+pub use source::{ClusterSource, Piece, PullError, Pulled, RawRoom};
 pub use writer::{Writer, WriterOptions};
 
 /// Size of a block, the unit of zero detection: 4 KiB.

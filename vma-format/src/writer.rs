@@ -7,6 +7,7 @@ use crate::devices::{CheckRules, DeviceTracker, Refusal, TrackedDevice};
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::header::HeaderBuilder;
+use crate::source::{ClusterSource, Piece, PullError, Pulled, RawRoom};
 use crate::zero::{pack_cluster, pack_cluster_within};
 use crate::{
     BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE, EXTENT_HEADER_SIZE, VMSTATE_NAME,
@@ -244,6 +245,62 @@ impl<W: Write> Writer<W> {
             zero += self.commit(dev_id, n, mask, used);
         }
         Ok(zero)
+    }
+
+    /// Pulls the next piece from `source` and writes it: the writer drives,
+    /// the source only says what comes next (and may read raw clusters
+    /// straight into the extent buffer, see [`RawRoom`]). Returns what was
+    /// written, or `None` once the source is exhausted; call
+    /// [`finish`](Self::finish) then. The whole encode loop is
+    /// `while let Some(p) = writer.pull(&mut source)? { … }`.
+    pub fn pull<S: ClusterSource + ?Sized>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Option<Pulled>, PullError<S::Error>> {
+        if self.failed {
+            return Err(PullError::Write(Error::invalid("writer failed earlier")));
+        }
+        self.make_room().map_err(PullError::Write)?;
+        let start = EXTENT_HEADER_SIZE + self.used;
+        let free = (WRITER_CLUSTERS_PER_EXTENT - self.slots.len()) * CLUSTER_SIZE;
+        let mut room = RawRoom {
+            buf: &mut self.buf[start..start + free],
+        };
+        let piece = source.next_piece(&mut room).map_err(PullError::Source)?;
+        let pulled = match piece {
+            None => return Ok(None),
+            Some(Piece::Cluster(c)) => Pulled {
+                dev_id: c.dev_id,
+                first: c.cluster_num as u64,
+                count: 1,
+                zero_bytes: self.write_cluster(&c).map_err(PullError::Write)?,
+            },
+            Some(Piece::Zeros {
+                dev_id,
+                first,
+                count,
+            }) => Pulled {
+                dev_id,
+                first: first as u64,
+                count,
+                zero_bytes: self
+                    .write_zero_clusters(dev_id, first, count)
+                    .map_err(PullError::Write)?,
+            },
+            Some(Piece::Raw {
+                dev_id,
+                first,
+                count,
+            }) => Pulled {
+                dev_id,
+                first: first as u64,
+                count: count as u64,
+                zero_bytes: self
+                    .commit_raw(dev_id, first, count)
+                    .map_err(PullError::Write)?,
+            },
+        };
+        Ok(Some(pulled))
     }
 
     /// Writes clusters `first .. first + count` of `dev_id` as all-zero

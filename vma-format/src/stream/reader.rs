@@ -407,3 +407,20 @@ fn read_exact_pre<R: Read>(r: &mut R, buf: &mut [u8], pos: u64) -> Result<(), Er
     }
     Ok(())
 }
+
+impl<R: Read> crate::source::ClusterSource for StreamReader<R> {
+    type Error = Error;
+
+    fn devices(&self) -> Vec<StreamDevice> {
+        self.devices.clone()
+    }
+
+    /// Each cluster record as it comes; `None` after the end record and
+    /// every end-of-stream check.
+    fn next_piece<'a>(
+        &'a mut self,
+        _room: &mut crate::source::RawRoom<'_>,
+    ) -> Result<Option<crate::source::Piece<'a>>, Error> {
+        Ok(self.next_cluster()?.map(crate::source::Piece::Cluster))
+    }
+}
