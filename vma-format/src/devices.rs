@@ -230,6 +230,13 @@ impl DeviceTracker {
         self.device(id).and_then(|d| d.seen.first_in(range))
     }
 
+    /// Moves out the set of clusters seen of device `id` (declared), leaving
+    /// it empty: for reports made once reading is over.
+    pub fn take_seen(&mut self, id: u8) -> ClusterSet {
+        let dev = self.devices[id as usize].as_mut().expect("declared");
+        std::mem::take(&mut dev.seen)
+    }
+
     /// The declared devices with their ids, lowest id first.
     pub fn declared(&self) -> impl Iterator<Item = (u8, &TrackedDevice)> + '_ {
         self.devices

@@ -191,7 +191,7 @@ impl<R: Read> Archive<R> {
     }
 
     /// The end-of-archive check: every cluster of every device present.
-    pub(super) fn check_complete(&self, summary: &mut Summary) -> Result<(), Error> {
+    pub(super) fn check_complete(&mut self, summary: &mut Summary) -> Result<(), Error> {
         for d in self.header.devices() {
             let dev = self.devices.device(d.id).expect("declared");
             if dev.first_missing().is_none() {
@@ -213,8 +213,9 @@ impl<R: Read> Archive<R> {
                 dev_id: d.id,
                 name: d.display_name(),
                 clusters: dev.clusters(),
-                ranges: dev.seen().missing_ranges(),
                 count,
+                // Moved out, not copied: the read is over.
+                present: self.devices.take_seen(d.id),
             });
         }
         Ok(())

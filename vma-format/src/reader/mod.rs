@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 
 use crate::cluster::Cluster;
+use crate::clusterset::ClusterSet;
 use crate::devices::DeviceTracker;
 use crate::error::{Error, Location};
 use crate::extent::ExtentHeader;
@@ -100,7 +101,12 @@ impl DataChecksums {
 }
 
 /// Clusters of one device that the archive lacks (salvage).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// It keeps the set of clusters that were present (memory proportional to
+/// them) and yields the missing ones as ranges on demand: a hostile archive
+/// holding every other cluster of a 2^48-byte device would otherwise make a
+/// list of 2^31 ranges here, from a few MB of input.
+#[derive(Clone, Debug)]
 pub struct MissingClusters {
     /// Device id.
     pub dev_id: u8,
@@ -108,11 +114,30 @@ pub struct MissingClusters {
     pub name: String,
     /// Clusters the device has.
     pub clusters: u64,
-    /// The missing cluster numbers, as ranges.
-    pub ranges: Vec<Range<u64>>,
     /// How many are missing.
     pub count: u64,
+    present: ClusterSet,
 }
+
+impl MissingClusters {
+    /// The missing cluster numbers as ranges, ascending, one at a time (no
+    /// list is built; `.count()` walks them all).
+    pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.present.missing()
+    }
+}
+
+impl PartialEq for MissingClusters {
+    fn eq(&self, other: &Self) -> bool {
+        self.dev_id == other.dev_id
+            && self.name == other.name
+            && self.clusters == other.clusters
+            && self.count == other.count
+            && self.ranges().eq(other.ranges())
+    }
+}
+
+impl Eq for MissingClusters {}
 
 /// What a read found.
 #[derive(Debug, Default)]
