@@ -46,8 +46,8 @@ pub use error::{Error, ErrorClass, Location};
 pub use extent::{BlockInfo, ExtentHeader, DATA_CHECKSUM_MASK, DATA_CHECKSUM_VERSION};
 pub use header::{ConfigEntry, DeviceInfo, HeaderBuilder, VmaHeader};
 pub use reader::{
-    Archive, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster, IndexedExtent,
-    ReadOptions, Seekable, SkipData, Summary,
+    Archive, ArchiveClusters, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster,
+    IndexedExtent, ReadOptions, Seekable, SkipData, Summary,
 };
 pub use source::{ClusterSource, Piece, PullError, Pulled, RawRoom};
 pub use writer::{Writer, WriterOptions};

@@ -24,9 +24,11 @@ use crate::{BLOCK_SIZE, EXTENT_SLOTS};
 mod checks;
 mod crc;
 mod index;
+mod pull;
 
 use crc::CrcWorker;
 pub use index::{IndexSink, IndexedCluster, IndexedExtent, Seekable, SkipData};
+pub use pull::ArchiveClusters;
 
 /// What a sink wants after a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +220,38 @@ pub struct Archive<R> {
     pushback_pos: usize,
 }
 
+/// What [`Archive::read_extent`] found.
+// As for NextExtent: taken apart at once.
+#[allow(clippy::large_enum_variant)]
+enum ExtentRead {
+    /// The input ended.
+    End,
+    /// A bad extent was skipped (salvage).
+    Skipped,
+    /// A checked extent whose data is the first `len` bytes of
+    /// [`ReadState::data`]: all of it (`whole`), or in salvage mode what
+    /// arrived before the input ended.
+    Data {
+        extent: ExtentHeader,
+        usable: [bool; EXTENT_SLOTS],
+        len: usize,
+        whole: bool,
+    },
+}
+
+/// What reading extents keeps from one to the next.
+#[derive(Default)]
+struct ReadState {
+    /// Extents so far.
+    index: u64,
+    /// The extent data buffer, reused.
+    data: Vec<u8>,
+    /// Started with the first extent big enough to be hashed in pieces (a
+    /// thread costs more than hashing a small extent on this one); `None`
+    /// inside if no second core.
+    crc_worker: Option<Option<CrcWorker>>,
+}
+
 const MAX_RECORDED_DAMAGE: usize = 1000;
 /// Extent data is hashed on a second thread in pieces of this size; an
 /// extent of at most one piece is hashed on the reading thread.
@@ -288,65 +322,25 @@ impl<R: Read> Archive<R> {
     /// problems are collected in the summary and reading goes on.
     pub fn run<S: ClusterSink + ?Sized>(&mut self, sink: &mut S) -> Result<Summary, Error> {
         sink.begin(&self.header).map_err(sink_error)?;
-        let salvage = self.options.salvage;
         let mut summary = Summary::default();
-        let mut data: Vec<u8> = Vec::new();
-        let mut index = 0u64;
-        // Started with the first extent big enough to be hashed in pieces
-        // (a thread costs more than hashing a small extent on this one).
-        let mut crc_worker: Option<Option<CrcWorker>> = None;
+        let mut state = ReadState::default();
         loop {
-            let (loc, extent, usable, blocks) = match self.next_extent(&mut index, &mut summary)? {
-                NextExtent::End => break,
-                NextExtent::Skipped => continue,
-                NextExtent::Found {
-                    loc,
+            let (extent, usable, len, whole) = match self.read_extent(&mut state, &mut summary)? {
+                ExtentRead::End => break,
+                ExtentRead::Skipped => continue,
+                ExtentRead::Data {
                     extent,
                     usable,
-                    blocks,
-                } => (loc, extent, usable, blocks),
+                    len,
+                    whole,
+                } => (extent, usable, len, whole),
             };
-            let need = blocks * BLOCK_SIZE;
-            if data.len() < need {
-                data.resize(need, 0);
-            }
-            let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
-                crc_worker.get_or_insert_with(CrcWorker::start).as_mut()
-            } else {
-                None
-            };
-            let (got, data_crc) = match (extent.data_checksum(), worker) {
-                (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
-                _ => (self.read_full(&mut data[..need]), None),
-            };
-            let got = got.map_err(|e| Error::io(Some(loc), "read failed", e))?;
-            if got < need {
-                let err = Error::damaged(
-                    Some(loc),
-                    format!("truncated: got {got} of {need} data bytes"),
-                );
-                tolerate(salvage, &mut summary, err)?;
-                // Hand over the clusters that arrived whole.
-                if self.deliver(&extent, &usable, &data[..got], sink, &mut summary)? == Flow::Stop {
-                    summary.stopped = true;
-                }
+            let data = &state.data[..len];
+            if self.deliver(&extent, &usable, data, sink, &mut summary)? == Flow::Stop {
+                summary.stopped = true;
                 break;
             }
-            match extent.data_checksum() {
-                Some(crc) => {
-                    let actual = data_crc.unwrap_or_else(|| crc32fast::hash(&data[..need]));
-                    if actual != crc {
-                        let err = Error::damaged(Some(loc), "data checksum mismatch");
-                        tolerate(salvage, &mut summary, err)?;
-                        continue;
-                    }
-                    summary.data_checksums.verified += 1;
-                }
-                None => summary.data_checksums.absent += 1,
-            }
-            summary.extents += 1;
-            if self.deliver(&extent, &usable, &data[..need], sink, &mut summary)? == Flow::Stop {
-                summary.stopped = true;
+            if !whole {
                 break;
             }
         }
@@ -356,6 +350,78 @@ impl<R: Read> Archive<R> {
         }
         sink.finish(&summary).map_err(sink_error)?;
         Ok(summary)
+    }
+
+    /// Reads the next extent with every check, its data into `state.data`.
+    /// A truncated extent (salvage) comes with the data that arrived, and
+    /// is the last.
+    fn read_extent(
+        &mut self,
+        state: &mut ReadState,
+        summary: &mut Summary,
+    ) -> Result<ExtentRead, Error> {
+        let salvage = self.options.salvage;
+        let (loc, extent, usable, blocks) = match self.next_extent(&mut state.index, summary)? {
+            NextExtent::End => return Ok(ExtentRead::End),
+            NextExtent::Skipped => return Ok(ExtentRead::Skipped),
+            NextExtent::Found {
+                loc,
+                extent,
+                usable,
+                blocks,
+            } => (loc, extent, usable, blocks),
+        };
+        let need = blocks * BLOCK_SIZE;
+        let data = &mut state.data;
+        if data.len() < need {
+            data.resize(need, 0);
+        }
+        let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
+            state
+                .crc_worker
+                .get_or_insert_with(CrcWorker::start)
+                .as_mut()
+        } else {
+            None
+        };
+        let (got, data_crc) = match (extent.data_checksum(), worker) {
+            (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
+            _ => (self.read_full(&mut data[..need]), None),
+        };
+        let got = got.map_err(|e| Error::io(Some(loc), "read failed", e))?;
+        if got < need {
+            let err = Error::damaged(
+                Some(loc),
+                format!("truncated: got {got} of {need} data bytes"),
+            );
+            tolerate(salvage, summary, err)?;
+            // Hand over the clusters that arrived whole.
+            return Ok(ExtentRead::Data {
+                extent,
+                usable,
+                len: got,
+                whole: false,
+            });
+        }
+        match extent.data_checksum() {
+            Some(crc) => {
+                let actual = data_crc.unwrap_or_else(|| crc32fast::hash(&data[..need]));
+                if actual != crc {
+                    let err = Error::damaged(Some(loc), "data checksum mismatch");
+                    tolerate(salvage, summary, err)?;
+                    return Ok(ExtentRead::Skipped);
+                }
+                summary.data_checksums.verified += 1;
+            }
+            None => summary.data_checksums.absent += 1,
+        }
+        summary.extents += 1;
+        Ok(ExtentRead::Data {
+            extent,
+            usable,
+            len: need,
+            whole: true,
+        })
     }
 
     /// Records and pushes the usable clusters of an extent whose data is
