@@ -303,6 +303,7 @@ fn stream_start() -> Vec<u8> {
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn signals_remove_the_temporary_archive() {
     for (sig, num) in [
         ("INT", libc::SIGINT),
@@ -412,6 +413,7 @@ fn image_formats_are_refused_as_raw_sources_and_exports() {
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn signals_remove_the_partial_images_of_an_extract() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.raw");

@@ -161,7 +161,7 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
     let mut devices = Vec::new();
     for d in header.devices() {
         let what = || format!("device {}", d.id);
-        let name = check_file_name(&d.name).map_err(|why| bad(what(), why))?;
+        let name = check_file_name(&d.name).map_err(|why| bad(what(), why.to_string()))?;
         let vmstate = d.is_vmstate();
         if !vmstate
             && opts
@@ -198,7 +198,7 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
     let mut configs = Vec::new();
     for c in header.configs() {
         let what = || format!("config {}", c.slot);
-        let name = check_file_name(&c.name).map_err(|why| bad(what(), why))?;
+        let name = check_file_name(&c.name).map_err(|why| bad(what(), why.to_string()))?;
         if name.len() > NAME_MAX {
             return Err(too_long(what(), name));
         }

@@ -218,6 +218,7 @@ impl Target {
 /// Starts writing the file's dirty pages to the device without waiting for
 /// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). Only
 /// a hint: the final fsync makes the data durable, so a failure is ignored.
+#[allow(unsafe_code)]
 fn start_writeback(file: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain system call on a descriptor we own; no memory is passed.

@@ -47,7 +47,7 @@ impl<R: Read> Archive<R> {
         let extent = match ExtentHeader::parse(&head, &uuid) {
             Ok(extent) => extent,
             Err(problem) => {
-                let err = Error::damaged(Some(loc), problem);
+                let err = Error::damaged(Some(loc), problem.to_string());
                 tolerate(salvage, summary, err)?;
                 return self.resync_after(*index, &head, offset, summary);
             }
