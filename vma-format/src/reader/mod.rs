@@ -22,11 +22,9 @@ use crate::header::VmaHeader;
 use crate::{BLOCK_SIZE, EXTENT_SLOTS};
 
 mod checks;
-mod crc;
 mod index;
 mod pull;
 
-use crc::CrcWorker;
 pub use index::{IndexSink, IndexedCluster, IndexedExtent, Seekable, SkipData};
 pub use pull::ArchiveClusters;
 
@@ -246,16 +244,9 @@ struct ReadState {
     index: u64,
     /// The extent data buffer, reused.
     data: Vec<u8>,
-    /// Started with the first extent big enough to be hashed in pieces (a
-    /// thread costs more than hashing a small extent on this one); `None`
-    /// inside if no second core.
-    crc_worker: Option<Option<CrcWorker>>,
 }
 
 const MAX_RECORDED_DAMAGE: usize = 1000;
-/// Extent data is hashed on a second thread in pieces of this size; an
-/// extent of at most one piece is hashed on the reading thread.
-const HASH_PIECE: usize = 512 * 1024;
 const RESYNC_CHUNK: usize = 1 << 20;
 
 impl<R: Read> Archive<R> {
@@ -376,19 +367,9 @@ impl<R: Read> Archive<R> {
         if data.len() < need {
             data.resize(need, 0);
         }
-        let worker = if extent.data_checksum().is_some() && need > HASH_PIECE {
-            state
-                .crc_worker
-                .get_or_insert_with(CrcWorker::start)
-                .as_mut()
-        } else {
-            None
-        };
-        let (got, data_crc) = match (extent.data_checksum(), worker) {
-            (Some(_), Some(worker)) => self.read_hashing(&mut data[..need], worker),
-            _ => (self.read_full(&mut data[..need]), None),
-        };
-        let got = got.map_err(|e| Error::io(Some(loc), "read failed", e))?;
+        let got = self
+            .read_full(&mut data[..need])
+            .map_err(|e| Error::io(Some(loc), "read failed", e))?;
         if got < need {
             let err = Error::damaged(
                 Some(loc),
@@ -405,7 +386,9 @@ impl<R: Read> Archive<R> {
         }
         match extent.data_checksum() {
             Some(crc) => {
-                let actual = data_crc.unwrap_or_else(|| crc32fast::hash(&data[..need]));
+                // Inline, after the read: measured faster on two cores than
+                // hashing on a helper thread while reading (benches/decode.sh).
+                let actual = crc32fast::hash(&data[..need]);
                 if actual != crc {
                     let err = Error::damaged(Some(loc), "data checksum mismatch");
                     tolerate(salvage, summary, err)?;
