@@ -99,6 +99,30 @@ impl ClusterSink for ImageSink<'_> {
         }
         Ok(Flow::Continue)
     }
+
+    /// Each device's clusters of the extent to its target at once, so runs
+    /// of data across adjacent clusters are written with one `pwrite`.
+    fn extent_clusters(
+        &mut self,
+        data: &[u8],
+        clusters: &[Cluster<'_>],
+    ) -> io::Result<(usize, Flow)> {
+        if let Some((progress, out)) = &mut self.progress {
+            for c in clusters {
+                progress.cluster(c, &mut **out)?;
+            }
+        }
+        let mut i = 0;
+        while i < clusters.len() {
+            let dev = clusters[i].dev_id;
+            let j = i + clusters[i..].iter().take_while(|c| c.dev_id == dev).count();
+            if let Some(t) = &mut self.targets[dev as usize] {
+                t.clusters(data, &clusters[i..j])?;
+            }
+            i = j;
+        }
+        Ok((clusters.len(), Flow::Continue))
+    }
 }
 
 /// A device to extract, with the names it gets.

@@ -13,7 +13,7 @@
 use std::io::{self, Read};
 use std::ops::Range;
 
-use crate::cluster::Cluster;
+use crate::cluster::{BlockMask, Cluster};
 use crate::clusterset::ClusterSet;
 use crate::devices::DeviceTracker;
 use crate::error::{Error, Location};
@@ -58,6 +58,30 @@ pub trait ClusterSink {
 
     /// Called for each cluster.
     fn cluster(&mut self, cluster: &Cluster<'_>) -> io::Result<Flow>;
+
+    /// Called instead of [`cluster`](Self::cluster) with the clusters of
+    /// one extent that passed every check, in slot order; each one's data
+    /// is a part of `data`, the extent's data (clusters that follow one
+    /// another in the extent follow one another there). The default hands
+    /// them to `cluster` one by one. A sink overrides it to treat them
+    /// together: extract writes a run of data blocks adjacent on disk and
+    /// in `data` with one `pwrite`, across clusters.
+    ///
+    /// Returns how many clusters it took — all, or fewer if it asked to
+    /// stop after the last one taken — and what it wants next.
+    fn extent_clusters(
+        &mut self,
+        data: &[u8],
+        clusters: &[Cluster<'_>],
+    ) -> io::Result<(usize, Flow)> {
+        let _ = data;
+        for (i, c) in clusters.iter().enumerate() {
+            if self.cluster(c)? == Flow::Stop {
+                return Ok((i + 1, Flow::Stop));
+            }
+        }
+        Ok((clusters.len(), Flow::Continue))
+    }
 
     /// Called after the last cluster and the end-of-archive checks.
     fn finish(&mut self, _summary: &Summary) -> io::Result<()> {
@@ -417,6 +441,14 @@ impl<R: Read> Archive<R> {
         sink: &mut S,
         summary: &mut Summary,
     ) -> Result<Flow, Error> {
+        const NONE: Cluster<'static> = Cluster {
+            dev_id: 0,
+            cluster_num: 0,
+            mask: BlockMask::EMPTY,
+            data: &[],
+        };
+        let mut clusters = [NONE; EXTENT_SLOTS];
+        let mut count = 0;
         let mut at = 0usize;
         for (i, slot) in extent.slots().iter().enumerate() {
             if slot.dev_id == 0 {
@@ -429,19 +461,28 @@ impl<R: Read> Archive<R> {
             }
             if usable[i] {
                 self.record(slot);
-                let cluster = Cluster {
+                clusters[count] = Cluster {
                     dev_id: slot.dev_id,
                     cluster_num: slot.cluster_num,
                     mask: slot.mask,
                     data: &data[at..end],
                 };
-                summary.clusters += 1;
-                summary.data_blocks += slot.mask.count() as u64;
-                if sink.cluster(&cluster).map_err(sink_error)? == Flow::Stop {
-                    return Ok(Flow::Stop);
-                }
+                count += 1;
             }
             at = end;
+        }
+        if count == 0 {
+            return Ok(Flow::Continue);
+        }
+        let (taken, flow) = sink
+            .extent_clusters(&data[..at], &clusters[..count])
+            .map_err(sink_error)?;
+        for c in &clusters[..taken.min(count)] {
+            summary.clusters += 1;
+            summary.data_blocks += c.mask.count() as u64;
+        }
+        if flow == Flow::Stop {
+            return Ok(Flow::Stop);
         }
         Ok(Flow::Continue)
     }
