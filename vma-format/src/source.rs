@@ -9,7 +9,7 @@
 //! archive read back ([`ArchiveClusters`](crate::ArchiveClusters), the base an
 //! incremental stream will be merged onto).
 
-use crate::cluster::Cluster;
+use crate::cluster::{BlockMask, Cluster};
 use crate::stream::StreamDevice;
 use crate::CLUSTER_SIZE;
 
@@ -36,6 +36,17 @@ impl RawRoom<'_> {
 pub enum Piece<'a> {
     /// One packed cluster.
     Cluster(Cluster<'a>),
+    /// One packed cluster whose `mask.count() * 4096` data bytes the source
+    /// read into the start of the [`RawRoom`] (a cluster stream's record
+    /// body, read straight into the extent buffer).
+    Packed {
+        /// Device id.
+        dev_id: u8,
+        /// Cluster number.
+        cluster_num: u32,
+        /// Its stored blocks.
+        mask: BlockMask,
+    },
     /// Clusters `first .. first + count` of `dev_id` are all zero (a hole):
     /// written without data.
     Zeros {

@@ -149,25 +149,39 @@ impl<W: Write> Writer<W> {
                 mask.count()
             )));
         }
-        let dev = self.check(dev_id, n)?;
-        let tail = if dev.is_vmstate() {
-            None
-        } else {
-            if !dev.mask_fits(n as u64, mask) {
-                return Err(Error::invalid(format!(
-                    "cluster {n} of {}: mask {:#06x} names blocks past the device end",
-                    self.name(dev_id),
-                    mask.0
-                )));
-            }
-            let end_in_cluster = dev.size() - n as u64 * CLUSTER_SIZE as u64;
-            (end_in_cluster < CLUSTER_SIZE as u64
-                && !end_in_cluster.is_multiple_of(BLOCK_SIZE as u64))
-            .then_some(end_in_cluster as usize)
-        };
+        let tail = self.check_packed(dev_id, n, mask)?;
         self.make_room()?;
         let start = EXTENT_HEADER_SIZE + self.used;
         self.buf[start..start + cluster.data.len()].copy_from_slice(cluster.data);
+        Ok(self.commit_packed(dev_id, n, mask, tail))
+    }
+
+    /// Checks that packed cluster `n` of `dev_id` with `mask` may be
+    /// written now; returns where the device ends inside it, if inside a
+    /// block (that block's bytes past the end must be zeroed).
+    fn check_packed(&self, dev_id: u8, n: u32, mask: BlockMask) -> Result<Option<usize>, Error> {
+        let dev = self.check(dev_id, n)?;
+        if dev.is_vmstate() {
+            return Ok(None);
+        }
+        if !dev.mask_fits(n as u64, mask) {
+            return Err(Error::invalid(format!(
+                "cluster {n} of {}: mask {:#06x} names blocks past the device end",
+                self.name(dev_id),
+                mask.0
+            )));
+        }
+        let end_in_cluster = dev.size() - n as u64 * CLUSTER_SIZE as u64;
+        Ok((end_in_cluster < CLUSTER_SIZE as u64
+            && !end_in_cluster.is_multiple_of(BLOCK_SIZE as u64))
+        .then_some(end_in_cluster as usize))
+    }
+
+    /// Commits the packed cluster whose data lies at the end of the extent
+    /// being filled, zeroing the bytes past the device end (`tail`, from
+    /// [`check_packed`](Self::check_packed)).
+    fn commit_packed(&mut self, dev_id: u8, n: u32, mask: BlockMask, tail: Option<usize>) -> u64 {
+        let start = EXTENT_HEADER_SIZE + self.used;
         if let Some(end) = tail {
             // The block holding the device end: zero what lies past the end.
             let block = end / BLOCK_SIZE;
@@ -178,7 +192,7 @@ impl<W: Write> Writer<W> {
                 self.buf[at..block_end].fill(0);
             }
         }
-        Ok(self.commit(dev_id, n, mask, cluster.data.len()))
+        self.commit(dev_id, n, mask, mask.data_len())
     }
 
     /// Room for up to `max` (at least 1) raw clusters at the end of the
@@ -275,6 +289,21 @@ impl<W: Write> Writer<W> {
                 count: 1,
                 zero_bytes: self.write_cluster(&c).map_err(PullError::Write)?,
             },
+            Some(Piece::Packed {
+                dev_id,
+                cluster_num,
+                mask,
+            }) => {
+                let tail = self
+                    .check_packed(dev_id, cluster_num, mask)
+                    .map_err(PullError::Write)?;
+                Pulled {
+                    dev_id,
+                    first: cluster_num as u64,
+                    count: 1,
+                    zero_bytes: self.commit_packed(dev_id, cluster_num, mask, tail),
+                }
+            }
             Some(Piece::Zeros {
                 dev_id,
                 first,

@@ -169,6 +169,17 @@ impl<R: Read> StreamReader<R> {
     /// The next cluster, or `None` once the end record was read and checked
     /// and the input has ended. After an error, every call fails.
     pub fn next_cluster(&mut self) -> Result<Option<Cluster<'_>>, Error> {
+        Ok(self.step(None)?.map(|(dev_id, cluster_num, mask)| Cluster {
+            dev_id,
+            cluster_num,
+            mask,
+            data: &self.body[..mask.data_len()],
+        }))
+    }
+
+    /// The next cluster record, its data read into `room` (at least 64
+    /// KiB) if given, else into the record buffer; `None` at the end.
+    fn step(&mut self, room: Option<&mut [u8]>) -> Result<Option<(u8, u32, BlockMask)>, Error> {
         if self.failed {
             return Err(Error::damaged(
                 Some(Location::End),
@@ -178,13 +189,8 @@ impl<R: Read> StreamReader<R> {
         if self.done {
             return Ok(None);
         }
-        match self.read_record() {
-            Ok(Some((dev_id, cluster_num, mask))) => Ok(Some(Cluster {
-                dev_id,
-                cluster_num,
-                mask,
-                data: &self.body[..mask.data_len()],
-            })),
+        match self.read_record(room) {
+            Ok(Some(cluster)) => Ok(Some(cluster)),
             Ok(None) => {
                 self.done = true;
                 Ok(None)
@@ -196,8 +202,12 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    /// Reads one record; a cluster leaves its data at the start of `body`.
-    fn read_record(&mut self) -> Result<Option<(u8, u32, BlockMask)>, Error> {
+    /// Reads one record; a cluster leaves its data at the start of `room`
+    /// if given, else of `body`.
+    fn read_record(
+        &mut self,
+        room: Option<&mut [u8]>,
+    ) -> Result<Option<(u8, u32, BlockMask)>, Error> {
         let loc = Location::Record {
             index: self.records,
             offset: self.pos,
@@ -230,7 +240,10 @@ impl<R: Read> StreamReader<R> {
             }));
         }
         let mut stored = [0u8; 4];
-        let body = &mut self.body[..len];
+        let body = match room {
+            Some(room) if kind == RECORD_CLUSTER => &mut room[..len],
+            _ => &mut self.body[..len],
+        };
         let got = read_full(&mut self.inner, body).map_err(|e| read_error(loc, e))?;
         let got_crc = if got == len {
             read_full(&mut self.inner, &mut stored).map_err(|e| read_error(loc, e))?
@@ -415,12 +428,19 @@ impl<R: Read> crate::source::ClusterSource for StreamReader<R> {
         self.devices.clone()
     }
 
-    /// Each cluster record as it comes; `None` after the end record and
-    /// every end-of-stream check.
+    /// Each cluster record as it comes, its data read straight into the
+    /// writer's extent buffer; `None` after the end record and every
+    /// end-of-stream check.
     fn next_piece<'a>(
         &'a mut self,
-        _room: &mut crate::source::RawRoom<'_>,
+        room: &mut crate::source::RawRoom<'_>,
     ) -> Result<Option<crate::source::Piece<'a>>, Error> {
-        Ok(self.next_cluster()?.map(crate::source::Piece::Cluster))
+        Ok(self
+            .step(Some(room.clusters(1)))?
+            .map(|(dev_id, cluster_num, mask)| crate::source::Piece::Packed {
+                dev_id,
+                cluster_num,
+                mask,
+            }))
     }
 }
