@@ -43,6 +43,11 @@ enum Cmd {
         /// (no TLS, no authentication).
         #[arg(long, value_name = "ADDR:PORT")]
         tcp: Option<SocketAddr>,
+        /// Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD
+        /// as raw disks all the same (a guest may write such bytes to its
+        /// own disk's first sector; without this the next serve refuses it).
+        #[arg(long)]
+        assume_raw: bool,
         /// Exports: NAME=IMAGE (raw image file or block device), in device
         /// order.
         #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
@@ -104,12 +109,14 @@ fn main() {
             socket,
             control,
             tcp,
+            assume_raw,
             exports,
         } => serve(ServeConfig {
             control: control.unwrap_or_else(|| default_control(&socket)),
             socket,
             tcp,
             exports,
+            assume_raw,
         }),
         Cmd::Backup {
             control,
