@@ -448,7 +448,11 @@ fn image_formats_are_refused_as_raw_sources_and_exports() {
     let (got, want) = (fs::read(&served).unwrap(), fs::read(&qcow).unwrap());
     assert_eq!(got.len(), want.len().next_multiple_of(512));
     assert!(got[..want.len()] == want[..] && got[want.len()..].iter().all(|&b| b == 0));
-    unsafe { libc::kill(tap.0.id() as i32, libc::SIGTERM) };
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(tap.0.id() as i32, libc::SIGTERM)
+    };
     let status = tap.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
