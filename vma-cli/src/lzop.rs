@@ -89,7 +89,7 @@ impl<R: Read> LzopReader<R> {
     /// there); false at the end of the input after a complete container.
     fn next_header(&mut self) -> io::Result<bool> {
         let mut magic = [0u8; 9];
-        let got = read_up_to(&mut self.inner, &mut magic)?;
+        let got = vma_format::read_full(&mut self.inner, &mut magic)?;
         if got == 0 && self.seen_one {
             return Ok(false);
         }
@@ -283,20 +283,6 @@ impl<R: Read> Read for LzopReader<R> {
 
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Reads until `buf` is full or the input ends.
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 fn bad(what: impl Into<String>) -> io::Error {

@@ -94,8 +94,9 @@ pub fn clusters_for(size: u64) -> u64 {
 
 /// Reads until `buf` is full or the input ends, retrying interrupted reads;
 /// returns the bytes read (fewer than `buf.len()` only at the end of input).
-/// The one such loop of the crate: header, archive and stream readers use it.
-pub(crate) fn read_full<R: std::io::Read + ?Sized>(
+/// The one such loop of the workspace: the header, archive and stream
+/// readers, and the input layer (`vma-cli`) use it.
+pub fn read_full<R: std::io::Read + ?Sized>(
     input: &mut R,
     buf: &mut [u8],
 ) -> std::io::Result<usize> {

@@ -281,55 +281,47 @@ impl<W: Write> Writer<W> {
             buf: &mut self.buf[start..start + free],
         };
         let piece = source.next_piece(&mut room).map_err(PullError::Source)?;
-        let pulled = match piece {
+        // (device, first cluster, clusters, what writing them returned)
+        let (dev_id, first, count, written) = match piece {
             None => return Ok(None),
-            Some(Piece::Cluster(c)) => Pulled {
-                dev_id: c.dev_id,
-                first: c.cluster_num as u64,
-                count: 1,
-                zero_bytes: self.write_cluster(&c).map_err(PullError::Write)?,
-            },
+            Some(Piece::Cluster(c)) => (c.dev_id, c.cluster_num, 1, self.write_cluster(&c)),
             Some(Piece::Packed {
                 dev_id,
-                cluster_num,
+                cluster_num: n,
                 mask,
             }) => {
-                let tail = self
-                    .check_packed(dev_id, cluster_num, mask)
-                    .map_err(PullError::Write)?;
-                Pulled {
-                    dev_id,
-                    first: cluster_num as u64,
-                    count: 1,
-                    zero_bytes: self.commit_packed(dev_id, cluster_num, mask, tail),
-                }
+                let written = self
+                    .check_packed(dev_id, n, mask)
+                    .map(|tail| self.commit_packed(dev_id, n, mask, tail));
+                (dev_id, n, 1, written)
             }
             Some(Piece::Zeros {
                 dev_id,
                 first,
                 count,
-            }) => Pulled {
+            }) => (
                 dev_id,
-                first: first as u64,
+                first,
                 count,
-                zero_bytes: self
-                    .write_zero_clusters(dev_id, first, count)
-                    .map_err(PullError::Write)?,
-            },
+                self.write_zero_clusters(dev_id, first, count),
+            ),
             Some(Piece::Raw {
                 dev_id,
                 first,
                 count,
-            }) => Pulled {
+            }) => (
                 dev_id,
-                first: first as u64,
-                count: count as u64,
-                zero_bytes: self
-                    .commit_raw(dev_id, first, count)
-                    .map_err(PullError::Write)?,
-            },
+                first,
+                count as u64,
+                self.commit_raw(dev_id, first, count),
+            ),
         };
-        Ok(Some(pulled))
+        Ok(Some(Pulled {
+            dev_id,
+            first: first as u64,
+            count,
+            zero_bytes: written.map_err(PullError::Write)?,
+        }))
     }
 
     /// Writes clusters `first .. first + count` of `dev_id` as all-zero

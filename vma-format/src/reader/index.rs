@@ -229,12 +229,7 @@ impl<R: SkipData> Archive<R> {
                 break;
             }
         }
-        summary.bytes_read = self.pos;
-        if !summary.stopped {
-            self.check_complete(&mut summary)?;
-        }
-        sink.finish(&summary).map_err(sink_error)?;
-        Ok(summary)
+        self.end_read(summary, |summary| sink.finish(summary))
     }
 
     /// Passes over `n` bytes, pushed-back bytes first; returns how many

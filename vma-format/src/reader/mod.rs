@@ -359,11 +359,22 @@ impl<R: Read> Archive<R> {
                 break;
             }
         }
+        self.end_read(summary, |summary| sink.finish(summary))
+    }
+
+    /// The end of a read that was not cut short by an error: the
+    /// end-of-archive checks (unless the sink stopped it), then the sink's
+    /// `finish`.
+    pub(super) fn end_read(
+        &mut self,
+        mut summary: Summary,
+        finish: impl FnOnce(&Summary) -> io::Result<()>,
+    ) -> Result<Summary, Error> {
         summary.bytes_read = self.pos;
         if !summary.stopped {
             self.check_complete(&mut summary)?;
         }
-        sink.finish(&summary).map_err(sink_error)?;
+        finish(&summary).map_err(sink_error)?;
         Ok(summary)
     }
 
