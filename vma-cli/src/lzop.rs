@@ -152,13 +152,17 @@ impl<R: Read> LzopReader<R> {
         take(&mut self.inner, 1, &mut header)?;
         let name_len = header[at] as usize;
         take(&mut self.inner, name_len, &mut header)?;
-        let stored = self.read_u32("header cut short")?;
-        let actual = if flags & F_H_CRC32 != 0 {
-            crc32fast::hash(&header)
-        } else {
-            adler2::adler32_slice(&header)
+        // The header and its extra field are checked with CRC-32 or Adler-32,
+        // as the flags say.
+        let checksum = |bytes: &[u8]| {
+            if flags & F_H_CRC32 != 0 {
+                crc32fast::hash(bytes)
+            } else {
+                adler2::adler32_slice(bytes)
+            }
         };
-        if stored != actual {
+        let stored = self.read_u32("header cut short")?;
+        if stored != checksum(&header) {
             return Err(bad("header checksum mismatch"));
         }
         if flags & F_H_EXTRA_FIELD != 0 {
@@ -171,12 +175,7 @@ impl<R: Read> LzopReader<R> {
                 .read_exact(&mut extra)
                 .map_err(|e| cut(e, "header cut short"))?;
             let stored = self.read_u32("header cut short")?;
-            let actual = if flags & F_H_CRC32 != 0 {
-                crc32fast::hash(&extra)
-            } else {
-                adler2::adler32_slice(&extra)
-            };
-            if stored != actual {
+            if stored != checksum(&extra) {
                 return Err(bad("extra field checksum mismatch"));
             }
         }

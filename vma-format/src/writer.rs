@@ -296,25 +296,15 @@ impl<W: Write> Writer<W> {
                 (dev_id, n, 1, written)
             }
             Some(Piece::Zeros {
-                dev_id,
-                first,
-                count,
-            }) => (
-                dev_id,
-                first,
-                count,
-                self.write_zero_clusters(dev_id, first, count),
-            ),
+                dev_id: d,
+                first: f,
+                count: k,
+            }) => (d, f, k, self.write_zero_clusters(d, f, k)),
             Some(Piece::Raw {
-                dev_id,
-                first,
-                count,
-            }) => (
-                dev_id,
-                first,
-                count as u64,
-                self.commit_raw(dev_id, first, count),
-            ),
+                dev_id: d,
+                first: f,
+                count: k,
+            }) => (d, f, k as u64, self.commit_raw(d, f, k)),
         };
         Ok(Some(Pulled {
             dev_id,

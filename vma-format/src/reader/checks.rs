@@ -89,12 +89,7 @@ impl<R: Read> Archive<R> {
             tolerate(salvage, summary, err)?;
             return self.resync_after(*index, &head, offset, summary);
         }
-        Ok(NextExtent::Found {
-            loc,
-            extent,
-            usable,
-            blocks,
-        })
+        Ok(NextExtent::Found(loc, extent, usable, blocks))
     }
 
     /// After a bad extent header `head` at `offset` (salvage): skip to the

@@ -157,12 +157,7 @@ impl<R: SkipData> Archive<R> {
             let (loc, extent, usable, blocks) = match self.next_extent(&mut index, &mut summary)? {
                 NextExtent::End => break,
                 NextExtent::Skipped => continue,
-                NextExtent::Found {
-                    loc,
-                    extent,
-                    usable,
-                    blocks,
-                } => (loc, extent, usable, blocks),
+                NextExtent::Found(loc, extent, usable, blocks) => (loc, extent, usable, blocks),
             };
             let Location::Extent {
                 index: extent_index,

@@ -205,16 +205,10 @@ enum NextExtent {
     End,
     /// A bad extent was skipped (salvage); the input is at the next one.
     Skipped,
-    /// A checked extent header; the input is at its data.
-    Found {
-        loc: Location,
-        extent: ExtentHeader,
-        /// Slots that passed their checks (all slots with a device id,
-        /// unless in salvage mode).
-        usable: [bool; EXTENT_SLOTS],
-        /// Data blocks that follow.
-        blocks: usize,
-    },
+    /// A checked extent header, where it was, its slots that passed their
+    /// checks (all slots with a device id, unless in salvage mode) and the
+    /// data blocks that follow; the input is at its data.
+    Found(Location, ExtentHeader, [bool; EXTENT_SLOTS], usize),
 }
 
 /// A VMA archive being read from `R`.
@@ -250,15 +244,10 @@ enum ExtentRead {
     End,
     /// A bad extent was skipped (salvage).
     Skipped,
-    /// A checked extent whose data is the first `len` bytes of
-    /// [`ReadState::data`]: all of it (`whole`), or in salvage mode what
-    /// arrived before the input ended.
-    Data {
-        extent: ExtentHeader,
-        usable: [bool; EXTENT_SLOTS],
-        len: usize,
-        whole: bool,
-    },
+    /// A checked extent, its usable slots, and the length of its data at
+    /// the start of [`ReadState::data`]: all of it (the last field true),
+    /// or in salvage mode what arrived before the input ended.
+    Data(ExtentHeader, [bool; EXTENT_SLOTS], usize, bool),
 }
 
 /// What reading extents keeps from one to the next.
@@ -343,12 +332,7 @@ impl<R: Read> Archive<R> {
             let (extent, usable, len, whole) = match self.read_extent(&mut state, &mut summary)? {
                 ExtentRead::End => break,
                 ExtentRead::Skipped => continue,
-                ExtentRead::Data {
-                    extent,
-                    usable,
-                    len,
-                    whole,
-                } => (extent, usable, len, whole),
+                ExtentRead::Data(extent, usable, len, whole) => (extent, usable, len, whole),
             };
             let data = &state.data[..len];
             if self.deliver(&extent, &usable, data, sink, &mut summary)? == Flow::Stop {
@@ -390,12 +374,7 @@ impl<R: Read> Archive<R> {
         let (loc, extent, usable, blocks) = match self.next_extent(&mut state.index, summary)? {
             NextExtent::End => return Ok(ExtentRead::End),
             NextExtent::Skipped => return Ok(ExtentRead::Skipped),
-            NextExtent::Found {
-                loc,
-                extent,
-                usable,
-                blocks,
-            } => (loc, extent, usable, blocks),
+            NextExtent::Found(loc, extent, usable, blocks) => (loc, extent, usable, blocks),
         };
         let need = blocks * BLOCK_SIZE;
         let data = &mut state.data;
@@ -412,12 +391,7 @@ impl<R: Read> Archive<R> {
             );
             tolerate(salvage, summary, err)?;
             // Hand over the clusters that arrived whole.
-            return Ok(ExtentRead::Data {
-                extent,
-                usable,
-                len: got,
-                whole: false,
-            });
+            return Ok(ExtentRead::Data(extent, usable, got, false));
         }
         match extent.data_checksum() {
             Some(crc) => {
@@ -434,12 +408,7 @@ impl<R: Read> Archive<R> {
             None => summary.data_checksums.absent += 1,
         }
         summary.extents += 1;
-        Ok(ExtentRead::Data {
-            extent,
-            usable,
-            len: need,
-            whole: true,
-        })
+        Ok(ExtentRead::Data(extent, usable, need, true))
     }
 
     /// Records and pushes the usable clusters of an extent whose data is

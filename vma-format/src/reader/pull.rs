@@ -113,12 +113,7 @@ impl<R: Read> ArchiveClusters<R> {
                     return Ok(None);
                 }
                 ExtentRead::Skipped => {}
-                ExtentRead::Data {
-                    extent,
-                    usable,
-                    len,
-                    whole,
-                } => {
+                ExtentRead::Data(extent, usable, len, whole) => {
                     self.current = Some((extent, usable, len));
                     self.slot = 0;
                     self.at = 0;
