@@ -356,14 +356,7 @@ proptest! {
                 clusters.push(cluster(i as u8 + 1, n as u32, m));
             }
         }
-        // A deterministic shuffle.
-        let mut state = seed | 1;
-        for i in (1..clusters.len()).rev() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            clusters.swap(i, (state % (i as u64 + 1)) as usize);
-        }
+        test_support::shuffle(&mut clusters, seed);
         let mut w = StreamWriter::new(Vec::new(), -5, &devs).unwrap();
         for c in &clusters {
             w.write_cluster(&c.as_cluster()).unwrap();
