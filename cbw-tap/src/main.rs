@@ -195,15 +195,8 @@ fn backup(client: &BackupClient, json: bool) -> i32 {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
         return exit::USAGE;
     }
-    // A descriptor of our own for the thread that writes the stream.
-    let out = match stdout.as_fd().try_clone_to_owned() {
-        Ok(fd) => std::fs::File::from(fd),
-        Err(e) => {
-            eprintln!("cbw-tap backup: stdout: {e}");
-            return exit::IO;
-        }
-    };
-    let result = client.run(out);
+    // The server writes the stream into our stdout itself.
+    let result = client.run(stdout.as_fd());
     let (code, error, stats) = match result {
         Ok(stats) => (exit::OK, None, Some(stats)),
         Err(f) => (f.failure.code, Some(f.failure.message), f.stats.map(|s| *s)),
