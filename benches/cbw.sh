@@ -30,8 +30,8 @@ WRITES=${WRITES:-3000}
 RUNS=${RUNS:-3}
 BWLIMIT=${BWLIMIT:-256M}
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cbw-tap -p vma-encode
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 for t in qemu-img qemu-nbd qemu-io python3; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done

@@ -12,7 +12,7 @@ fn every_example_is_tested() {
         .collect();
     names.sort();
     // demo.sh and serve.sh run below; live-backup.sh runs in tests/cbw.rs
-    // (example_live_backup).
+    // (example_live_backup) and, from a fresh clone, in tests/fresh_clone.rs.
     let tested = ["demo.sh", "live-backup.sh", "serve.sh"];
     for n in &names {
         assert!(
