@@ -1,101 +1,18 @@
 //! `cbw-tap`: flags in, server or backup out. The work is in the library.
 
 use std::io::{self, IsTerminal};
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use serde_json::json;
 
+use cbw_tap::cli::{Args, Cmd, PolicyArg};
 use cbw_tap::control::BackupClient;
-use cbw_tap::serve::{default_control, parse_export, ServeConfig, Tap};
+use cbw_tap::serve::{default_control, ServeConfig, Tap};
 use cbw_tap::{BackupOptions, Policy};
 use vma_cli::exit;
 use vma_cli::signals::TermSignals;
-
-/// Live point-in-time backups of disks in use: serves images over NBD with
-/// copy-before-write, and streams backups of all of them taken at one
-/// instant as a cluster stream for `vma-encode -`.
-#[derive(Parser)]
-#[command(name = "cbw-tap", version, after_help = vma_cli::EXIT_CODES_HELP)]
-struct Args {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Serve images as NBD exports until SIGINT/SIGTERM/SIGHUP.
-    ///
-    /// Clients: qemu-io -f raw 'nbd+unix:///NAME?socket=PATH', QEMU's
-    /// -blockdev driver=nbd,server.type=unix,server.path=PATH,export=NAME,
-    /// nbdinfo, nbdcopy.
-    Serve {
-        /// NBD Unix socket to create (mode 0600).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Control socket for `cbw-tap backup` (mode 0600) [default: PATH.ctl].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809
-        /// (no TLS, no authentication).
-        #[arg(long, value_name = "ADDR:PORT")]
-        tcp: Option<SocketAddr>,
-        /// Exports: NAME=IMAGE (raw image file or block device), in device
-        /// order.
-        #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
-        exports: Vec<(String, PathBuf)>,
-    },
-    /// Back up every export of a running server, at one instant, as a
-    /// cluster stream on stdout (e.g. `| vma-encode - > vm.vma`).
-    ///
-    /// Exits 0 only if the stream was finished cleanly; otherwise the stream
-    /// ends with an abort record (if it could still be written) or is cut
-    /// short, and vma-encode fails too.
-    Backup {
-        /// The server's control socket.
-        #[arg(long, value_name = "PATH")]
-        control: PathBuf,
-        /// Captured clusters that may wait for the consumer, e.g. 64M.
-        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = cbw_tap::size::parse_size)]
-        buffer: usize,
-        /// Limit the background reader to SIZE bytes per second, e.g. 200M
-        /// (copy-before-write is never limited).
-        #[arg(long, value_name = "SIZE", value_parser = cbw_tap::size::parse_size)]
-        bwlimit: Option<usize>,
-        /// Fleecing: when the buffer is full, copy-before-write puts old
-        /// clusters into FILE (created, mode 0600, removed at the end; must
-        /// not exist) instead of making the guest wait.
-        #[arg(long, value_name = "FILE")]
-        fleecing: Option<PathBuf>,
-        /// How long a guest write may wait for its copy when the buffer is
-        /// full; also how long the consumer may stall.
-        #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
-        cbw_timeout: f64,
-        /// What to do when a copy before a guest write fails or times out.
-        #[arg(long, value_enum, default_value_t = PolicyArg::BreakSnapshot)]
-        on_cbw_error: PolicyArg,
-        /// Shell command run before the instant (e.g. freeze file systems).
-        #[arg(long, value_name = "CMD")]
-        pre: Option<String>,
-        /// Shell command run right after the instant (e.g. thaw).
-        #[arg(long, value_name = "CMD")]
-        post: Option<String>,
-        /// Print the final status and counters as one JSON object on stderr.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PolicyArg {
-    /// Abort the backup, let the guest write through.
-    BreakSnapshot,
-    /// Fail the guest write with EIO, keep the backup.
-    BreakGuestWrite,
-}
 
 fn main() {
     let args = Args::parse();

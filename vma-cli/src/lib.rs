@@ -42,6 +42,20 @@ pub mod exit {
     pub const PARTIAL: i32 = 4;
 }
 
+/// The git revision this build was made from (short hash), or "" outside a
+/// git checkout (see build.rs).
+pub const GIT_REV: &str = env!("VMA_TOOLS_GIT_REV");
+
+/// The `--version` text of a tool of version `pkg_version`:
+/// `0.1.0 (git 0123456789ab)`, or just `0.1.0` when the revision is unknown.
+pub fn version(pkg_version: &'static str) -> &'static str {
+    if GIT_REV.is_empty() {
+        return pkg_version;
+    }
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| format!("{pkg_version} (git {GIT_REV})"))
+}
+
 /// The exit-code table, for `--help` texts.
 pub const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 archive damaged or invalid, 2 usage, \
 3 I/O or environment error, 4 partial result (salvage).";

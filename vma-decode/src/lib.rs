@@ -17,6 +17,7 @@
 
 pub mod archive_export;
 pub mod cache;
+pub mod cli;
 pub mod extract;
 pub mod index;
 pub mod outdir;

@@ -45,6 +45,12 @@ pub const SECTOR: u64 = 512;
 const OUTPUT_BUFFER: usize = 256 * 1024;
 
 const AFTER_HELP: &str = "\
+Examples:
+  vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf -o vm100.vma \\
+      drive-scsi0=/dev/vg/vm-100-disk-0 drive-scsi1=/var/lib/vz/images/100/vm-100-disk-1.raw
+  vma-encode -c qemu-server.conf drive-scsi0=disk.raw | zstd > vm.vma.zst
+  cbw-tap backup --control /run/cbw-tap/vm100.nbd.ctl | vma-encode -c qemu-server.conf - | zstd > vm.vma.zst
+
 SOURCE is a raw image file or a block device; NAME=SOURCE names the device
 (a bare SOURCE is named disk0, disk1, … by position, as Proxmox does). Sizes are
 recorded rounded up to a multiple of 512 bytes, the tail read as zero. Holes are
@@ -84,7 +90,7 @@ write the archive: disk full, broken pipe); 128+N stopped by signal N (SIGINT
 #[derive(Parser, Debug)]
 #[command(
     name = "vma-encode",
-    version,
+    version = vma_cli::version(env!("CARGO_PKG_VERSION")),
     about = "Write a Proxmox VMA archive from raw images, block devices or a cluster stream",
     after_help = AFTER_HELP
 )]

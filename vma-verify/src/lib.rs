@@ -14,6 +14,8 @@
 //! std::process::exit(report.exit_code());
 //! ```
 
+pub mod cli;
+
 use std::io::{self, Read};
 
 use serde_json::{json, Value};
