@@ -91,6 +91,10 @@ pub enum Cmd {
         /// Print the final status and counters as one JSON object on stderr.
         #[arg(long)]
         json: bool,
+        /// Print Proxmox-style progress lines on stderr
+        /// (`progress N% TRANSFERRED/TOTAL ZEROS`, as `vma create -v`).
+        #[arg(short, long)]
+        verbose: bool,
     },
 }
 
@@ -101,4 +105,160 @@ pub enum PolicyArg {
     BreakSnapshot,
     /// Fail the guest write with EIO, keep the backup.
     BreakGuestWrite,
+}
+
+/// What `cbw-tap backup` shows while the stream goes to stdout, read from
+/// the stream's own bytes as they are written (its preamble names the
+/// devices and sizes; every cluster of every device comes as one record):
+/// on a terminal a bar of the disk bytes covered, with rate and ETA; with
+/// `-v` the lines Proxmox's `vma create -v` prints,
+/// `progress N% TRANSFERRED/TOTAL ZEROS` whenever the percentage changes.
+/// Nothing is checked here: `vma-encode -` checks the stream.
+pub struct StreamProgress<W> {
+    inner: W,
+    bar: Option<vma_cli::bar::ProgressBar>,
+    verbose: bool,
+    /// The preamble, gathered until the device table is complete.
+    preamble: Vec<u8>,
+    /// Device sizes once the preamble is known (device 1 first).
+    sizes: Option<Vec<u64>>,
+    total: u64,
+    /// The current record's header, gathered.
+    header: [u8; 12],
+    header_len: usize,
+    /// Bytes of the current record's body and CRC still to pass.
+    skip: u64,
+    transferred: u64,
+    zero_bytes: u64,
+    last_percent: i64,
+}
+
+impl<W> StreamProgress<W> {
+    /// Watches the stream written to `inner`; `bar` draws a progress bar,
+    /// `verbose` prints Proxmox's progress lines on stderr.
+    pub fn new(inner: W, bar: bool, verbose: bool) -> StreamProgress<W> {
+        StreamProgress {
+            inner,
+            bar: bar.then(|| vma_cli::bar::bytes("cbw-tap backup", None)),
+            verbose,
+            preamble: Vec::new(),
+            sizes: None,
+            total: 0,
+            header: [0; 12],
+            header_len: 0,
+            skip: 0,
+            transferred: 0,
+            zero_bytes: 0,
+            last_percent: -1,
+        }
+    }
+
+    /// A handle on the bar, to clear it before printing the outcome.
+    pub fn bar(&self) -> Option<vma_cli::bar::ProgressBar> {
+        self.bar.clone()
+    }
+
+    /// The device sizes and the preamble's length, once the preamble is
+    /// complete (device table and CRC).
+    fn parse_preamble(p: &[u8]) -> Option<(Vec<u64>, usize)> {
+        let count = u16::from_be_bytes(p.get(20..22)?.try_into().ok()?) as usize;
+        let mut at = 22;
+        let mut sizes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let size = u64::from_be_bytes(p.get(at..at + 8)?.try_into().ok()?);
+            let len = u16::from_be_bytes(p.get(at + 8..at + 10)?.try_into().ok()?) as usize;
+            at += 10 + len;
+            sizes.push(size);
+        }
+        p.get(at..at + 4)?;
+        Some((sizes, at + 4))
+    }
+
+    fn observe(&mut self, buf: &[u8]) {
+        if self.sizes.is_some() {
+            return self.observe_records(buf);
+        }
+        self.preamble.extend_from_slice(buf);
+        let Some((sizes, used)) = Self::parse_preamble(&self.preamble) else {
+            return;
+        };
+        let rest = self.preamble.split_off(used);
+        self.preamble = Vec::new();
+        self.total = sizes.iter().sum();
+        if let Some(bar) = &self.bar {
+            vma_cli::bar::set_total(bar, Some(self.total));
+        }
+        self.sizes = Some(sizes);
+        self.observe_records(&rest);
+    }
+
+    fn observe_records(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            if self.skip > 0 {
+                let n = (self.skip.min(buf.len() as u64)) as usize;
+                self.skip -= n as u64;
+                buf = &buf[n..];
+                continue;
+            }
+            let n = (12 - self.header_len).min(buf.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+            self.header_len += n;
+            buf = &buf[n..];
+            if self.header_len < 12 {
+                return;
+            }
+            self.header_len = 0;
+            let h = self.header;
+            let body = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as u64;
+            self.skip = body + 4;
+            if h[0] == b'C' {
+                let dev = h[1] as usize;
+                let mask = u16::from_be_bytes([h[2], h[3]]);
+                let cluster = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as u64;
+                self.cluster(dev, mask, cluster);
+            }
+        }
+    }
+
+    /// Counts a cluster as Proxmox's writer does: the bytes of the device
+    /// it covers, and its zero 4 KiB blocks.
+    fn cluster(&mut self, dev: usize, mask: u16, cluster: u64) {
+        let Some(size) = self
+            .sizes
+            .as_ref()
+            .and_then(|s| dev.checked_sub(1).and_then(|i| s.get(i)))
+            .copied()
+        else {
+            return;
+        };
+        let start = cluster * vma_format::CLUSTER_SIZE as u64;
+        let end = start + vma_format::CLUSTER_SIZE as u64;
+        self.transferred += end.min(size).saturating_sub(start);
+        self.zero_bytes += (16 - mask.count_ones() as u64) * 4096;
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.transferred.min(self.total));
+        }
+        if self.verbose && self.total > 0 {
+            let percent = (self.transferred.min(self.total) * 100 / self.total) as i64;
+            if percent != self.last_percent {
+                self.last_percent = percent;
+                eprintln!(
+                    "progress {percent}% {}/{} {}",
+                    self.transferred, self.total, self.zero_bytes
+                );
+            }
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for StreamProgress<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.observe(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 
-use cbw_tap::cli::{Args, Cmd, PolicyArg};
+use cbw_tap::cli::{Args, Cmd, PolicyArg, StreamProgress};
 use cbw_tap::control::BackupClient;
 use cbw_tap::serve::{default_control, ServeConfig, Tap};
 use cbw_tap::{BackupOptions, Policy};
@@ -38,6 +38,7 @@ fn main() {
             pre,
             post,
             json,
+            verbose,
         } => {
             if !(cbw_timeout.is_finite() && cbw_timeout > 0.0) {
                 eprintln!("cbw-tap backup: --cbw-timeout must be a positive number of seconds");
@@ -72,7 +73,7 @@ fn main() {
                 pre,
                 post,
             };
-            backup(&client, json)
+            backup(&client, json, verbose)
         }
     };
     std::process::exit(code);
@@ -99,7 +100,7 @@ fn serve(cfg: ServeConfig) -> i32 {
     exit::OK
 }
 
-fn backup(client: &BackupClient, json: bool) -> i32 {
+fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
     let stdout = io::stdout();
     if stdout.is_terminal() {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
@@ -113,7 +114,14 @@ fn backup(client: &BackupClient, json: bool) -> i32 {
             return exit::IO;
         }
     };
+    // On a terminal a bar (disk bytes covered, rate, ETA); with -v
+    // Proxmox's progress lines; else nothing.
+    let out = StreamProgress::new(out, vma_cli::bar::wanted(verbose), verbose);
+    let bar = out.bar();
     let result = client.run(out);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     let (code, error, stats) = match result {
         Ok(stats) => (exit::OK, None, Some(stats)),
         Err(f) => (f.failure.code, Some(f.failure.message), f.stats.map(|s| *s)),

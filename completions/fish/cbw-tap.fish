@@ -43,6 +43,7 @@ break-guest-write\t'Fail the guest write with EIO, keep the backup'"
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l pre -d 'Shell command run before the instant (e.g. freeze file systems)' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l post -d 'Shell command run right after the instant (e.g. thaw)' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l json -d 'Print the final status and counters as one JSON object on stderr'
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -s v -l verbose -d 'Print Proxmox-style progress lines on stderr (`progress N% TRANSFERRED/TOTAL ZEROS`, as `vma create -v`)'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand help; and not __fish_seen_subcommand_from serve backup help" -f -a "serve" -d 'Serve images as NBD exports until SIGINT/SIGTERM/SIGHUP'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand help; and not __fish_seen_subcommand_from serve backup help" -f -a "backup" -d 'Back up every export of a running server, at one instant, as a cluster stream on stdout (e.g. `| vma-encode - > vm.vma`)'

@@ -37,6 +37,7 @@ complete -c vma-decode -n "__fish_vma_decode_using_subcommand serve" -l cache -d
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand serve" -l save-index -d 'Save the index beside a plain archive, as ARCHIVE.vmaidx'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand serve" -l no-space-check -d 'Start even if --cache DIR has less room than the archive\'s devices need'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c vma-decode -n "__fish_vma_decode_using_subcommand list" -l json -d 'Print one JSON object instead (uuid, ctime, configs, devices: docs/JSON.md)'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand list" -s h -l help -d 'Print help'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand config" -s c -l config -d 'The config\'s name' -r
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand config" -s h -l help -d 'Print help'
@@ -47,6 +48,7 @@ complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -l reorde
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -s v -l verbose -d 'Print Proxmox-style progress and statistics'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -l salvage -d 'Recover what a damaged or truncated archive still holds; exit 4 if anything is missing'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -l force -d 'Write into an existing non-empty directory (replacing files of the same names)'
+complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -l json -d 'Print one JSON object on stdout at the end: the files written, their sizes, and the read\'s statistics (docs/JSON.md)'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand extract" -s h -l help -d 'Print help'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand help; and not __fish_seen_subcommand_from serve list config extract help" -f -a "serve" -d 'Serve every device read-only over NBD, straight from the archive (no extract)'
 complete -c vma-decode -n "__fish_vma_decode_using_subcommand help; and not __fish_seen_subcommand_from serve list config extract help" -f -a "list" -d 'Print the configs, devices and creation time, exactly as Proxmox\'s `vma list`'

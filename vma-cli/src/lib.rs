@@ -16,6 +16,7 @@
 //! output with 3 ([`pipe`]). Images in formats such as qcow2 are refused
 //! where raw disks are expected ([`image_format`]).
 
+pub mod bar;
 pub mod cfmt;
 pub mod decompress;
 pub mod image_format;

@@ -103,6 +103,9 @@ pub enum Command {
     List {
         /// The archive (plain or compressed), or `-` for standard input.
         archive: String,
+        /// Print one JSON object instead (uuid, ctime, configs, devices: docs/JSON.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Print one config file, like `vma config`.
     Config {
@@ -141,5 +144,9 @@ pub enum Command {
         /// Write into an existing non-empty directory (replacing files of the same names).
         #[arg(long)]
         force: bool,
+        /// Print one JSON object on stdout at the end: the files written, their sizes, and the
+        /// read's statistics (docs/JSON.md).
+        #[arg(long, conflicts_with_all = ["verbose", "stdout", "map"])]
+        json: bool,
     },
 }

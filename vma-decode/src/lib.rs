@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cli;
 pub mod extract;
 pub mod index;
+pub mod json;
 pub mod outdir;
 pub mod proxmox;
 pub mod restore_map;

@@ -53,8 +53,20 @@ fn main() {
             Failure::io("signal handling", &e).exit();
         }
     }
-    if let Err(f) = run(cli) {
+    let result = run(cli);
+    clear_bar();
+    if let Err(f) = result {
         f.exit();
+    }
+}
+
+/// The progress bar of `extract` on a terminal (archive bytes read, rate,
+/// ETA), cleared before anything else is printed on stderr.
+static BAR: std::sync::OnceLock<vma_cli::bar::ProgressBar> = std::sync::OnceLock::new();
+
+fn clear_bar() {
+    if let Some(bar) = BAR.get() {
+        bar.finish_and_clear();
     }
 }
 
@@ -104,7 +116,7 @@ fn serve(archive: &str, opts: &ServeOptions) -> Result<(), Failure> {
 }
 
 fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Failure> {
-    let input = Input::open(path).map_err(|e| Failure::io(path, &e))?;
+    let input = Input::open_with_bar(path, BAR.get()).map_err(|e| Failure::io(path, &e))?;
     let name = input.name.clone();
     let archive = Archive::with_options(input, options).map_err(|e| Failure::format(&name, &e))?;
     Ok((name, archive))
@@ -117,9 +129,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     // went away ends the tool quietly (vma_cli::pipe).
     let out_err = |e: std::io::Error| vma_cli::pipe::info_failure(&e);
     match cli.command {
-        Command::List { archive } => {
-            let (_, archive) = open(&archive, ReadOptions::default())?;
-            listing::write_listing(&mut out, archive.header()).map_err(out_err)?;
+        Command::List { archive, json } => {
+            let (input, archive) = open(&archive, ReadOptions::default())?;
+            if json {
+                let doc = vma_decode::json::Listing::new(&input, archive.header());
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&doc).expect("serializable")
+                )
+                .map_err(out_err)?;
+            } else {
+                listing::write_listing(&mut out, archive.header()).map_err(out_err)?;
+            }
         }
         Command::Config { archive, name } => {
             let (input, archive) = open(&archive, ReadOptions::default())?;
@@ -150,6 +172,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "stdout: refusing to write a disk image to a terminal (redirect or pipe it)",
                 ));
             }
+            if vma_cli::bar::wanted(false) {
+                let _ = BAR.set(vma_cli::bar::bytes(
+                    &vma_format::names::escape(archive.as_bytes()),
+                    None,
+                ));
+            }
             let (input, archive) = open(&archive, ReadOptions::default())?;
             extract_to_stdout(archive, &input, &devname, reorder_buffer, &mut out)?;
         }
@@ -162,6 +190,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             verbose,
             salvage,
             force,
+            json,
             ..
         } => {
             let Some(dir) = dir else {
@@ -171,6 +200,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ));
             };
             vma_decode::outdir::OutputDir::check_arg(&dir)?;
+            if vma_cli::bar::wanted(verbose) {
+                let _ = BAR.set(vma_cli::bar::bytes(
+                    &vma_format::names::escape(archive.as_bytes()),
+                    None,
+                ));
+            }
             let (input, archive) = open(&archive, ReadOptions { salvage })?;
             let opts = ExtractOptions {
                 devices,
@@ -179,7 +214,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 salvage,
                 map,
             };
-            let report = extract(archive, &input, &dir, &opts, &mut out)?;
+            let started = std::time::Instant::now();
+            let header = json.then(|| archive.header().clone());
+            // With --json the DEVINFO lines give way to the JSON document.
+            let mut sink = std::io::sink();
+            let lines: &mut dyn Write = if json { &mut sink } else { &mut out };
+            let report = extract(archive, &input, &dir, &opts, lines)?;
+            clear_bar();
+            if let Some(header) = header {
+                let doc = vma_decode::json::Extracted::new(
+                    &input,
+                    &dir,
+                    &header,
+                    &report,
+                    started.elapsed().as_secs_f64(),
+                );
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&doc).expect("serializable")
+                )
+                .map_err(out_err)?;
+            }
             out.flush().map_err(out_err)?;
             if !report.is_complete() {
                 let summary = &report.summary;

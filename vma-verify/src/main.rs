@@ -20,7 +20,13 @@ fn main() -> ExitCode {
     // but go on verifying: the exit status is still the verdict.
     let mut reader_gone = false;
     for path in &args.archives {
-        let report = vma_verify::verify_path(path);
+        // A bar on a terminal (not with -q): archive bytes read, rate, ETA.
+        let bar = (!args.quiet && vma_cli::bar::wanted(false))
+            .then(|| vma_cli::bar::bytes(&vma_format::names::escape(path.as_bytes()), None));
+        let report = vma_verify::verify_path_with_bar(path, bar.as_ref());
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         if reader_gone {
             if let Some(line) = report.error_line() {
                 eprintln!("{line}");
