@@ -10,14 +10,15 @@
 #        FUZZ_FIXTURES            the fixtures for the seeds (default ../shared/fixtures)
 #
 # Seeds are generated into fuzz/seeds/TARGET (vma-format's fuzz_seeds example,
-# from the Proxmox fixtures and small archives and streams made on the spot);
+# from the Proxmox fixtures and small archives and streams made on the spot;
+# the fuzz crate's `seeds` binary for restore_map);
 # the growing corpus is fuzz/corpus/TARGET, findings land in
 # fuzz/artifacts/TARGET. Neither is committed: a finding is turned into a
 # file under fuzz/regressions/TARGET/, which tests/fuzz_regressions.rs replays.
 # Exit status: non-zero if a target found a crash.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets_all=(header archive stream)
+targets_all=(header archive stream restore_map)
 secs=${1:?usage: scripts/fuzz.sh SECONDS [TARGET…]}
 shift
 targets=("$@")
@@ -37,13 +38,16 @@ if [[ ! -d $seeds/stream ]]; then
   echo "== generating seeds into $seeds"
   (cd "$root" && cargo run -q --release -p vma-format --example fuzz_seeds -- "$seeds" "$fixtures")
 fi
+if [[ ! -d $seeds/restore_map ]]; then
+  (cd "$root/fuzz" && cargo run -q --release --bin seeds -- "$seeds")
+fi
 
 target_dir=()
 [[ -n ${CARGO_TARGET_DIR:-} ]] && target_dir=(--target-dir "$CARGO_TARGET_DIR/fuzz-$sanitizer")
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "$root/fuzz/corpus/$t" "$root/fuzz/artifacts/$t"
-  case $t in header) max_len=32768 ;; *) max_len=65536 ;; esac
+  case $t in header) max_len=32768 ;; restore_map) max_len=16384 ;; *) max_len=65536 ;; esac
   limit=(-max_total_time="$secs" -max_len="$max_len")
   [[ -n ${RUNS:-} ]] && limit+=(-runs="$RUNS")
   [[ $jobs -gt 1 ]] && limit+=(-jobs="$jobs" -workers="$jobs")

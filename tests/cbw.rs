@@ -1115,9 +1115,13 @@ fn served_images_carry_qemus_image_locks() {
     let out = direct(&["qemu-io", "-f", "raw", "-r", "-c", "read 0 4096"]);
     assert!(out.status.success(), "{out:?}");
 
-    // A second server on the same image: one line, exit 3.
+    // A second server on the same image: one line, exit 3. Bounded by
+    // timeout(1): should it serve after all, the test fails (exit 124)
+    // instead of waiting for it forever.
     let second = |sock: &str| {
-        Command::new(common::bin("cbw-tap"))
+        Command::new("timeout")
+            .arg("60")
+            .arg(common::bin("cbw-tap"))
             .args(["serve", "--socket"])
             .arg(d.join(sock))
             .arg(format!("disk={}", p.display()))
@@ -1145,11 +1149,12 @@ fn served_images_carry_qemus_image_locks() {
 
     // An image qemu-nbd serves for writing is refused too.
     let qsock = d.join("qemu-nbd.sock");
+    let qemu_nbd_log = d.join("qemu-nbd.log");
     let mut qemu_nbd = Command::new("qemu-nbd")
         .args(["-f", "raw", "-k"])
         .arg(&qsock)
         .arg(&p)
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(&qemu_nbd_log).unwrap())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
@@ -1161,6 +1166,12 @@ fn served_images_carry_qemus_image_locks() {
         thread::sleep(Duration::from_millis(10));
     }
     let out = second("three.sock");
+    // The refusal means something only while qemu-nbd holds the image.
+    assert!(
+        qemu_nbd.try_wait().unwrap().is_none(),
+        "qemu-nbd exited early: {}",
+        fs::read_to_string(&qemu_nbd_log).unwrap_or_default()
+    );
     qemu_nbd.kill().unwrap();
     qemu_nbd.wait().unwrap();
     assert_eq!(out.status.code(), Some(3));

@@ -175,3 +175,89 @@ pub fn repair_stream(buf: &mut [u8]) {
         pos = end + 4;
     }
 }
+
+/// Bit 0 of the `restore_map` mode byte: read through a one-byte buffer
+/// (every line split across reads), which must give what a slice gives.
+pub const MODE_SMALL_READS: u8 = 1;
+
+/// The `-r` map parser of `vma-decode extract` (qmrestore's protocol):
+/// [`RestoreMap::read`](vma_decode::restore_map::RestoreMap::read) over the
+/// input, which must never panic and must give the same answer whatever
+/// the read sizes; a map it accepts must come back the same when each entry
+/// is written out again in qmrestore's syntax and parsed by `parse_line`.
+pub fn run_restore_map(mode: u8, input: &[u8]) {
+    use vma_decode::restore_map::{parse_line, RestoreMap};
+    let whole = RestoreMap::read(input);
+    if mode & MODE_SMALL_READS != 0 {
+        let split = RestoreMap::read(std::io::BufReader::with_capacity(1, input));
+        match (&whole, &split) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(a), Err(b)) => assert_eq!((a.line, &a.problem, a.io), (b.line, &b.problem, b.io)),
+            _ => panic!("slice and one-byte reads disagree: {whole:?} / {split:?}"),
+        }
+    }
+    if let Ok(map) = whole {
+        for (name, mapping) in &map.devices {
+            let line = restore_map_line(name, mapping);
+            let (again, parsed) = parse_line(&line).expect("a written-out entry parses");
+            assert_eq!((&again, &parsed), (name, mapping), "{line:?}");
+        }
+    }
+}
+
+/// One entry of a map in qmrestore's syntax (what `parse_line` reads).
+pub fn restore_map_line(name: &str, mapping: &vma_decode::restore_map::Mapping) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    use vma_decode::restore_map::Mapping;
+    let t = match mapping {
+        Mapping::Skip => return format!("skip={name}").into_bytes(),
+        Mapping::Target(t) => t,
+    };
+    let mut line = Vec::new();
+    if let Some(f) = &t.format {
+        line.extend_from_slice(format!("format={f}:").as_bytes());
+    }
+    if t.throttling_bps != 0 {
+        line.extend_from_slice(format!("throttling.bps={}:", t.throttling_bps).as_bytes());
+    }
+    if let Some(g) = &t.throttling_group {
+        line.extend_from_slice(format!("throttling.group={g}:").as_bytes());
+    }
+    if let Some(c) = &t.cache {
+        line.extend_from_slice(format!("cache={c}:").as_bytes());
+    }
+    line.extend_from_slice(format!("{}:{name}=", u8::from(t.write_zeros)).as_bytes());
+    line.extend_from_slice(t.path.as_os_str().as_bytes());
+    line
+}
+
+/// Seeds of the `restore_map` target: maps as qmrestore writes them (LVM,
+/// ZFS, RBD, file targets, skips, every option), and near misses.
+pub fn restore_map_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let maps: [(&str, &str); 8] = [
+        ("lvm", "format=raw:0:drive-scsi0=/dev/pve/vm-100-disk-0\ndone\n"),
+        (
+            "two-disks",
+            "format=raw:0:drive-scsi0=/dev/zvol/rpool/data/vm-101-disk-0\n\
+             format=raw:1:drive-virtio1=/var/lib/vz/images/101/vm-101-disk-1.raw\ndone\n",
+        ),
+        (
+            "options",
+            "throttling.bps=0x100000:throttling.group=restore:cache=none:format=raw:1:drive-sata0=/dev/rbd0\ndone\n",
+        ),
+        ("skip", "skip=drive-efidisk0\n0:drive-scsi0=/tmp/t=a:b\ndone\n"),
+        ("octal", "throttling.bps=0777:0:drive-ide0=/dev/sdb\ndone\n"),
+        ("unterminated", "format=raw:0:drive-scsi0=/dev/sdb\n"),
+        ("twice", "0:drive-scsi0=/a\n1:drive-scsi0=/b\ndone\n"),
+        ("empty-line", "0:drive-scsi0=/a\n\ndone\n"),
+    ];
+    maps.iter()
+        .flat_map(|(name, text)| {
+            [0u8, MODE_SMALL_READS].map(|m| {
+                let mut seed = vec![m];
+                seed.extend_from_slice(text.as_bytes());
+                (*name, seed)
+            })
+        })
+        .collect()
+}

@@ -511,10 +511,11 @@ fn libc_o_dsync() -> i32 {
 /// One line per device with missing clusters: `NAME: N of M clusters
 /// missing: a-b, c, …` (at most `max_ranges` ranges, then `… (K more)`).
 pub fn missing_line(m: &MissingClusters, max_ranges: usize) -> String {
+    let mut shown = 0usize;
     let mut ranges: Vec<String> = m
-        .ranges
-        .iter()
+        .ranges()
         .take(max_ranges)
+        .inspect(|_| shown += 1)
         .map(|r| {
             if r.end - r.start == 1 {
                 r.start.to_string()
@@ -523,8 +524,11 @@ pub fn missing_line(m: &MissingClusters, max_ranges: usize) -> String {
             }
         })
         .collect();
-    if m.ranges.len() > max_ranges {
-        ranges.push(format!("… ({} more)", m.ranges.len() - max_ranges));
+    if shown == max_ranges {
+        let more = m.ranges().skip(max_ranges).count();
+        if more > 0 {
+            ranges.push(format!("… ({more} more)"));
+        }
     }
     format!(
         "{}: {} of {} clusters missing: {}",

@@ -94,7 +94,12 @@ impl DataChecksums {
 }
 
 /// Clusters of one device that the archive lacks (salvage).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// It keeps the set of clusters that were present (memory proportional to
+/// them) and yields the missing ones as ranges on demand: a hostile archive
+/// holding every other cluster of a 2^48-byte device would otherwise make a
+/// list of 2^31 ranges here, from a few MB of input.
+#[derive(Clone, Debug)]
 pub struct MissingClusters {
     /// Device id.
     pub dev_id: u8,
@@ -102,11 +107,30 @@ pub struct MissingClusters {
     pub name: String,
     /// Clusters the device has.
     pub clusters: u64,
-    /// The missing cluster numbers, as ranges.
-    pub ranges: Vec<Range<u64>>,
     /// How many are missing.
     pub count: u64,
+    present: ClusterSet,
 }
+
+impl MissingClusters {
+    /// The missing cluster numbers as ranges, ascending, one at a time (no
+    /// list is built; `.count()` walks them all).
+    pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.present.missing()
+    }
+}
+
+impl PartialEq for MissingClusters {
+    fn eq(&self, other: &Self) -> bool {
+        self.dev_id == other.dev_id
+            && self.name == other.name
+            && self.clusters == other.clusters
+            && self.count == other.count
+            && self.ranges().eq(other.ranges())
+    }
+}
+
+impl Eq for MissingClusters {}
 
 /// What a read found.
 #[derive(Debug, Default)]
@@ -686,9 +710,9 @@ impl<R: Read> Archive<R> {
     }
 
     /// The end-of-archive check: every cluster of every device present.
-    fn check_complete(&self, summary: &mut Summary) -> Result<(), Error> {
+    fn check_complete(&mut self, summary: &mut Summary) -> Result<(), Error> {
         for d in self.header.devices() {
-            let dev = self.devices[d.id as usize].as_ref().expect("declared");
+            let dev = self.devices[d.id as usize].as_mut().expect("declared");
             if dev.vmstate || dev.unchecked || dev.seen.missing_count() == 0 {
                 continue;
             }
@@ -708,8 +732,9 @@ impl<R: Read> Archive<R> {
                 dev_id: d.id,
                 name: d.display_name(),
                 clusters: dev.clusters,
-                ranges: dev.seen.missing_ranges(),
                 count,
+                // Moved out, not copied: the read is over.
+                present: std::mem::take(&mut dev.seen),
             });
         }
         Ok(())

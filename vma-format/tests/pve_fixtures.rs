@@ -102,7 +102,7 @@ fn truncated_real_backup() {
     let summary = archive.run(&mut images).unwrap();
     assert_eq!(summary.clusters, 116);
     assert_eq!(summary.missing.len(), 1);
-    let ranges: Vec<_> = summary.missing[0].ranges.iter().take(7).cloned().collect();
+    let ranges: Vec<_> = summary.missing[0].ranges().take(7).collect();
     assert_eq!(
         ranges,
         vec![
