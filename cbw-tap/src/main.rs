@@ -95,7 +95,10 @@ fn serve(cfg: ServeConfig) -> i32 {
         cfg.control.display()
     );
     let sig = signals.wait();
-    eprintln!("cbw-tap serve: signal {sig}, shutting down");
+    eprintln!(
+        "cbw-tap serve: {}, shutting down",
+        vma_cli::signals::signal_name(sig)
+    );
     tap.shutdown();
     exit::OK
 }

@@ -43,21 +43,31 @@ fn main() {
             no_space_check,
         };
         if let Err(f) = serve(&archive, &opts) {
-            f.exit();
+            fail(&f);
         }
         return;
     }
     if matches!(cli.command, Command::Extract { .. }) {
         // Partial images and configs are removed on SIGINT/SIGTERM/SIGHUP.
         if let Err(e) = vma_cli::signals::install("vma-decode") {
-            Failure::io("signal handling", &e).exit();
+            fail(&Failure::io("signal handling", &e));
         }
     }
     let result = run(cli);
     clear_bar();
     if let Err(f) = result {
-        f.exit();
+        fail(&f);
     }
+}
+
+/// Prints the failure's message as `vma-decode: MESSAGE` (the message names
+/// the input first) and exits with its code.
+fn fail(f: &Failure) -> ! {
+    clear_bar();
+    if !f.message.is_empty() {
+        eprintln!("vma-decode: {}", f.message);
+    }
+    std::process::exit(f.code)
 }
 
 /// The progress bar of `extract` on a terminal (archive bytes read, rate,
@@ -240,19 +250,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if !report.is_complete() {
                 let summary = &report.summary;
                 for d in summary.damage.iter().take(20) {
-                    eprintln!("{input}: skipped: {d}");
+                    eprintln!("vma-decode: {input}: skipped: {d}");
                 }
                 if summary.damage_count > 20 {
                     eprintln!(
-                        "{input}: skipped: … {} more problems",
+                        "vma-decode: {input}: skipped: … {} more problems",
                         summary.damage_count - 20
                     );
                 }
                 for m in &summary.missing {
-                    eprintln!("{input}: {}", missing_line(m, 50));
+                    eprintln!("vma-decode: {input}: {}", missing_line(m, 50));
                 }
                 eprintln!(
-                    "{input}: partial extract: missing clusters are zero; full list in {}",
+                    "vma-decode: {input}: partial extract: missing clusters are zero; full list in {}",
                     dir.join(SALVAGE_REPORT).display()
                 );
                 std::process::exit(exit::PARTIAL);

@@ -75,7 +75,7 @@ impl Output {
         let fd = stdout
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| EncodeError::io("<stdout>", &e))?;
+            .map_err(|e| EncodeError::io("stdout", &e))?;
         // Only pipes take this; failing is harmless.
         let _ = rustix::pipe::fcntl_setpipe_size(&fd, PIPE_SIZE);
         Ok(Output::Stdout(File::from(fd)))
@@ -101,7 +101,7 @@ impl Output {
                 std::io::stdout()
                     .as_fd()
                     .try_clone_to_owned()
-                    .map_err(|e| EncodeError::io("<stdout>", &e))?,
+                    .map_err(|e| EncodeError::io("stdout", &e))?,
             )
             .metadata(),
         ) {
@@ -202,7 +202,7 @@ impl Output {
     /// The name for messages.
     pub fn name(&self) -> String {
         match self {
-            Output::Stdout(_) => "<stdout>".into(),
+            Output::Stdout(_) => "stdout".into(),
             Output::Temp { dest, .. } => dest.display().to_string(),
             Output::InPlace { shown, .. } => shown.clone(),
         }

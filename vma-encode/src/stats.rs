@@ -9,7 +9,7 @@ use vma_format::CLUSTER_SIZE;
 /// The statistics of an archive written.
 #[derive(Serialize, Debug, Clone)]
 pub struct EncodeStats {
-    /// Where the archive went: the path of `-o`, or `<stdout>`.
+    /// Where the archive went: the path of `-o`, or `stdout`.
     pub output: String,
     /// The archive's uuid, hyphenated lower-case hex.
     pub uuid: String,

@@ -29,8 +29,8 @@ with --json instead, one JSON object per archive and line: archive, status \
 (ok|damaged|error), uuid, ctime, configs [{name,size}], devices [{id,name,size,\
 vmstate,clusters_total,clusters,stored_bytes,zero_bytes}], extents, clusters, \
 bytes_read, data_checksums, error (message or null), error_offset (byte or null).
-A problem is one line on stderr: `NAME: LOCATION: PROBLEM`, e.g. \
-`backup.vma: extent 17 at byte 63029760: header checksum mismatch`.
+A problem is one line on stderr: `vma-verify: NAME: LOCATION: PROBLEM`, e.g. \
+`vma-verify: backup.vma: extent 17 at byte 63029760: header checksum mismatch`.
 
 The exit code is the worst over all archives. ";
 

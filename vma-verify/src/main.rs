@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         }
         if reader_gone {
             if let Some(line) = report.error_line() {
-                eprintln!("{line}");
+                eprintln!("vma-verify: {line}");
             }
             worst = worst.max(report.exit_code());
             continue;
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             reader_gone = true;
         }
         if let Some(line) = report.error_line() {
-            eprintln!("{line}");
+            eprintln!("vma-verify: {line}");
         }
         worst = worst.max(report.exit_code());
     }
