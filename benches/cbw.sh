@@ -14,12 +14,24 @@
 #    2-core machine), the consumer processes at nice 10, and the reader
 #    limited with --bwlimit (default 256M per second, $BWLIMIT).
 #
-# Targets: throughput ratio >= 1.0; p99 during backup <= 2 x without.
+# 3. Live backup (issue 10): t(vma-encode IMG | cat) / t(cbw-tap backup |
+#    vma-encode - | cat), both to /dev/null, page cache warm, median of
+#    $LIVE_RUNS each, on a $LIVE_SIZE random image and a half-zero one
+#    (every other MiB written with zeros): 1.0 = a live backup costs what
+#    encoding the same disk from a file does. With the peak RSS of the
+#    serve process, the backup client and vma-encode (/usr/bin/time %M,
+#    /proc VmHWM for serve).
 #
-# Usage: benches/cbw.sh [WORKDIR]     (needs ~3 GiB free; qemu-utils, python3)
+# Targets: throughput ratio >= 1.0; p99 during backup <= 2 x without (1.5 x
+# in issue 10); live backup ratio >= 0.8.
+#
+# Usage: benches/cbw.sh [WORKDIR]     (needs ~5 GiB free; qemu-utils, python3)
 # Env:   SIZE=2G (image size)  COUNT=20000 (requests per qemu-img bench run)
 #        WRITES=3000 (timed writes per latency run)  RUNS=3 (best of, throughput)
-#        BWLIMIT=256M
+#        BWLIMIT=256M  LIVE_SIZE=1G  LIVE_RUNS=3
+#        BIN=DIR: use the cbw-tap and vma-encode in DIR (e.g. an older
+#        build, for before/after figures) instead of building them
+#        SECTIONS="throughput latency live" (which to run)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /var/tmp/cbw-bench.XXXXXX)}
@@ -29,10 +41,15 @@ COUNT=${COUNT:-20000}
 WRITES=${WRITES:-3000}
 RUNS=${RUNS:-3}
 BWLIMIT=${BWLIMIT:-256M}
+LIVE_SIZE=${LIVE_SIZE:-1G}
+LIVE_RUNS=${LIVE_RUNS:-3}
+SECTIONS=${SECTIONS:-throughput latency live}
+section() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+if [ -n "${BIN:-}" ]; then VMA_BIN=$BIN; fi
 . "$root/scripts/vma-bin.sh"
 bin=$VMA_BIN
-for t in qemu-img qemu-nbd qemu-io python3; do
+for t in qemu-img qemu-nbd qemu-io python3 /usr/bin/time; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done
 
@@ -75,6 +92,7 @@ wait_sock "$work/qemu.sock"
 uri_tap="nbd+unix:///disk?socket=$work/cbw.sock"
 uri_qemu="nbd+unix:///disk?socket=$work/qemu.sock"
 
+if section throughput; then
 printf '\n== NBD throughput: qemu-img bench -c %s -d 16, best of %s (MiB/s)\n' "$COUNT" "$RUNS"
 printf '%-14s %10s %10s %7s\n' test cbw-tap qemu-nbd ratio
 for s in 64K 4K; do
@@ -84,6 +102,7 @@ for s in 64K 4K; do
     printf '%-14s %10.0f %10.0f %7.2f\n' "$mode $s" "$a" "$b" "$(awk -v a="$a" -v b="$b" 'BEGIN { print a / b }')"
   done
 done
+fi
 
 # ------------------------------------------------------------------- latency
 # Writes WRITES x 4 KiB at random offsets through one qemu-io and prints
@@ -129,6 +148,7 @@ PY
 # Each scenario is measured right after its own idle baseline (same
 # offsets pattern, different seed), so load from elsewhere on the machine
 # affects both alike.
+if section latency; then
 printf '\n== guest write latency, %s x 4 KiB random writes (microseconds; x = during / idle)\n' "$WRITES"
 printf '%-38s %8s %8s %8s %8s %7s %7s\n' "" "idle p50" "p99" "bk p50" "p99" "p50 x" "p99 x"
 scenario() { # label nice-prefix seed [backup flags]
@@ -144,3 +164,48 @@ scenario() { # label nice-prefix seed [backup flags]
 scenario "backup at full speed" "" 10
 scenario "backup, consumer at nice 10" "nice -n 10" 20
 scenario "backup, nice 10, --bwlimit $BWLIMIT" "nice -n 10" 30 "--bwlimit $BWLIMIT"
+fi
+
+# --------------------------------------------------------------- live backup
+now() { date +%s.%N; }
+median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+if section live; then
+  printf '\n== live backup, %s image, page cache warm, median of %s (seconds; ratio = encode / live)\n' "$LIVE_SIZE" "$LIVE_RUNS"
+  printf '%-10s %9s %9s %7s %10s %10s %10s %10s\n' image encode live ratio "serve KiB" "backup KiB" "enc-s KiB" "enc KiB"
+  for kind in random half-zero; do
+    limg="$work/live-$kind.raw"
+    if [ "$(stat -c %s "$limg" 2>/dev/null)" != "$(numfmt --from=iec "$LIVE_SIZE")" ]; then
+      python3 - "$limg" "$(numfmt --from=iec "$LIVE_SIZE")" "$kind" <<'PY'
+import os, sys
+path, size, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+mib = 1 << 20
+with open(path, "wb") as f:
+    for i in range(size // mib):
+        f.write(os.urandom(mib) if kind == "random" or i % 2 == 0 else bytes(mib))
+PY
+    fi
+    cat "$limg" > /dev/null
+    rm -f "$work/live.sock" "$work/live.sock.ctl"
+    "$bin/cbw-tap" serve --socket "$work/live.sock" drive-scsi0="$limg" 2>"$work/live-serve.log" &
+    spid=$!
+    pids+=($spid)
+    wait_sock "$work/live.sock.ctl"
+    : > "$work/t-enc"; : > "$work/t-live"
+    for _ in $(seq "$LIVE_RUNS"); do
+      t0=$(now)
+      /usr/bin/time -o "$work/rss-enc" -f %M "$bin/vma-encode" drive-scsi0="$limg" 2>>"$work/live-encode.log" | cat > /dev/null
+      t1=$(now)
+      /usr/bin/time -o "$work/rss-bk" -f %M "$bin/cbw-tap" backup --control "$work/live.sock.ctl" 2>"$work/live-backup.log" \
+        | /usr/bin/time -o "$work/rss-encs" -f %M "$bin/vma-encode" - 2>>"$work/live-encode.log" | cat > /dev/null
+      t2=$(now)
+      awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' >> "$work/t-enc"
+      awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }' >> "$work/t-live"
+    done
+    te=$(median < "$work/t-enc"); tl=$(median < "$work/t-live")
+    srss=$(awk '/^VmHWM/ { print $2 }' "/proc/$spid/status")
+    printf '%-10s %9.2f %9.2f %7.2f %10s %10s %10s %10s\n' "$kind" "$te" "$tl" \
+      "$(awk -v a="$te" -v b="$tl" 'BEGIN { print a / b }')" "$srss" \
+      "$(tail -1 "$work/rss-bk")" "$(tail -1 "$work/rss-encs")" "$(tail -1 "$work/rss-enc")"
+    kill "$spid"; wait "$spid" 2>/dev/null || true
+  done
+fi

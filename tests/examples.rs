@@ -259,6 +259,7 @@ fn backup_cron_and_restore() {
     )));
 
     // Failures: one line, exit 1, nothing left, nothing removed.
+    std::thread::sleep(Duration::from_millis(1100));
     let missing = d.join("nope.ctl");
     let out = run(&missing, &dest);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

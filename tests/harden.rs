@@ -408,9 +408,50 @@ fn image_formats_are_refused_as_raw_sources_and_exports() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         text(&out.stderr),
-        format!("cbw-tap serve: {}\n", hint(&qcow))
+        format!(
+            "cbw-tap serve: {}; --assume-raw serves it as a raw disk\n",
+            hint(&qcow)
+        )
     );
     assert!(!sock.exists());
+    // A guest may write such bytes to its own raw disk: --assume-raw serves
+    // the image as it is, byte for byte.
+    struct Stop(std::process::Child); // stopped however the checks end
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut tap = Stop(
+        Command::new(bin("cbw-tap"))
+            .args(["serve", "--assume-raw", "--socket", s(&sock)])
+            .arg(format!("drive-scsi0={}", qcow.display()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(tap.0.try_wait().unwrap().is_none(), "cbw-tap serve exited");
+        assert!(t0.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let served = d.path().join("served.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd+unix:///drive-scsi0?socket={}", sock.display()))
+        .arg(&served)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // QEMU's NBD client rounds the size up to whole 512-byte sectors.
+    let (got, want) = (fs::read(&served).unwrap(), fs::read(&qcow).unwrap());
+    assert_eq!(got.len(), want.len().next_multiple_of(512));
+    assert!(got[..want.len()] == want[..] && got[want.len()..].iter().all(|&b| b == 0));
+    unsafe { libc::kill(tap.0.id() as i32, libc::SIGTERM) };
+    let status = tap.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]

@@ -48,6 +48,11 @@ pub enum Cmd {
         /// (no TLS, no authentication).
         #[arg(long, value_name = "ADDR:PORT")]
         tcp: Option<SocketAddr>,
+        /// Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD
+        /// as raw disks all the same (a guest may write such bytes to its
+        /// own disk's first sector; without this the next serve refuses it).
+        #[arg(long)]
+        assume_raw: bool,
         /// Exports: NAME=IMAGE (raw image file or block device), in device
         /// order.
         #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
@@ -260,5 +265,99 @@ impl<W: std::io::Write> std::io::Write for StreamProgress<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// The stream's way to stdout when progress is shown: the server writes
+/// into a pipe ([`WatchedOutput::input`]) and a thread copies it to stdout
+/// through [`StreamProgress`]. If stdout fails, the thread closes the pipe,
+/// so the server sees the consumer gone, as it would on stdout itself.
+pub struct WatchedOutput {
+    input: std::os::fd::OwnedFd,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    bar: Option<vma_cli::bar::ProgressBar>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WatchedOutput {
+    /// Starts copying to `out`, with a bar and/or `-v`'s lines.
+    pub fn start(out: std::fs::File, bar: bool, verbose: bool) -> std::io::Result<WatchedOutput> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills both descriptors on success; each is owned once.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (read_end, input) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut watch = StreamProgress::new(out, bar, verbose);
+        let bar = watch.bar();
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("stream-watch".into())
+            .spawn(move || {
+                use std::io::{Read, Write};
+                let mut src = std::fs::File::from(read_end);
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let mut pfd = libc::pollfd {
+                        fd: src.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                    if ready == 0 {
+                        // Nothing to copy: once the backup is over (the
+                        // server has stopped writing), the stream is done.
+                        if finished.load(Ordering::Acquire) {
+                            break;
+                        }
+                        continue;
+                    }
+                    if ready < 0 {
+                        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                        {
+                            continue;
+                        }
+                        break;
+                    }
+                    match src.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if watch.write_all(&buf[..n]).is_err() {
+                                // stdout failed: closing the pipe tells the server.
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })?;
+        Ok(WatchedOutput {
+            input,
+            done,
+            bar,
+            thread,
+        })
+    }
+
+    /// The descriptor to hand the server.
+    pub fn input(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.input.as_fd()
+    }
+
+    /// After the backup: copies what is left, then clears the bar.
+    pub fn finish(self) {
+        drop(self.input);
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.thread.join();
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
     }
 }

@@ -18,9 +18,9 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod lock;
+pub mod output;
 pub mod pace;
 pub mod queue;
-pub mod relay;
 pub mod serve;
 pub mod sink;
 pub mod size;
@@ -28,6 +28,6 @@ pub mod states;
 pub mod stats;
 
 pub use engine::{
-    Backup, BackupOptions, BeginError, CaptureSink, CbwBackend, Engine, Policy, MIN_BUFFER,
+    Aborted, Backup, BackupOptions, BeginError, CaptureSink, CbwBackend, Engine, Policy, MIN_BUFFER,
 };
 pub use stats::Stats;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 
-use cbw_tap::cli::{Args, Cmd, PolicyArg, StreamProgress};
+use cbw_tap::cli::{Args, Cmd, PolicyArg, WatchedOutput};
 use cbw_tap::control::BackupClient;
 use cbw_tap::serve::{default_control, ServeConfig, Tap};
 use cbw_tap::{BackupOptions, Policy};
@@ -21,12 +21,14 @@ fn main() {
             socket,
             control,
             tcp,
+            assume_raw,
             exports,
         } => serve(ServeConfig {
             control: control.unwrap_or_else(|| default_control(&socket)),
             socket,
             tcp,
             exports,
+            assume_raw,
         }),
         Cmd::Backup {
             control,
@@ -109,7 +111,13 @@ fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
         return exit::USAGE;
     }
-    // A descriptor of our own for the thread that writes the stream.
+    // The server writes the stream into our stdout itself; to show
+    // progress (a bar on a terminal, or -v's lines) the stream passes
+    // through a pipe and a thread of ours that watches it instead.
+    let bar = vma_cli::bar::wanted(verbose);
+    if !bar && !verbose {
+        return outcome(client.run(stdout.as_fd()), json);
+    }
     let out = match stdout.as_fd().try_clone_to_owned() {
         Ok(fd) => std::fs::File::from(fd),
         Err(e) => {
@@ -117,14 +125,23 @@ fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
             return exit::IO;
         }
     };
-    // On a terminal a bar (disk bytes covered, rate, ETA); with -v
-    // Proxmox's progress lines; else nothing.
-    let out = StreamProgress::new(out, vma_cli::bar::wanted(verbose), verbose);
-    let bar = out.bar();
-    let result = client.run(out);
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let watched = match WatchedOutput::start(out, bar, verbose) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("cbw-tap backup: stdout: cannot watch the stream: {e}");
+            return exit::IO;
+        }
+    };
+    let result = client.run(watched.input());
+    watched.finish();
+    outcome(result, json)
+}
+
+/// Prints the outcome of a backup and returns the exit code.
+fn outcome(
+    result: Result<cbw_tap::stats::Stats, cbw_tap::control::BackupFailure>,
+    json: bool,
+) -> i32 {
     let (code, error, stats) = match result {
         Ok(stats) => (exit::OK, None, Some(stats)),
         Err(f) => (f.failure.code, Some(f.failure.message), f.stats.map(|s| *s)),

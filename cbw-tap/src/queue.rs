@@ -1,34 +1,122 @@
 //! The bounded queue of captured clusters between the copiers (background
 //! reader, guest writes) and the stream writer.
+//!
+//! Cheap on the hot path: a captured cluster lives in one 64 KiB buffer
+//! from the capture (read straight into it, packed in place) to the stream
+//! writer, and the buffer comes back for the next cluster without being
+//! cleared. Copiers and the writer move clusters in batches, one lock each,
+//! and each side has a condition variable of its own, signalled only when
+//! someone waits on it.
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vma_format::{BlockMask, ClusterBuf, CLUSTER_SIZE};
+use nbd_server::sync::{lock, wait, wait_timeout};
+use vma_format::{BlockMask, Cluster, CLUSTER_SIZE};
 
-/// What one queued cluster costs besides its data, so that a queue of zero
-/// clusters (no data) is bounded too.
+/// What one queued cluster costs besides its buffer, so that a queue of
+/// zero clusters (no buffer) is bounded too.
 pub const ITEM_OVERHEAD: usize = 64;
 
-/// Most spare cluster buffers kept for reuse.
-const MAX_FREE: usize = 64;
+/// Spare buffers kept beyond what a full queue holds: the clusters a
+/// reader batch, the stream writer and a few guest copies have in hand.
+const SPARE_SLACK: usize = 16;
 
 /// Longest a queued item waits for the consumer to be woken when the queue
 /// holds less than its wake-up threshold.
 const LINGER: Duration = Duration::from_millis(20);
 
-/// Why a push did not happen.
+/// One captured cluster: its place, its mask, and a buffer whose first
+/// `mask.data_len()` bytes are the stored blocks (the rest is left over
+/// from earlier use). Zero clusters have no buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Captured {
+    /// Device id (1-based).
+    pub dev_id: u8,
+    /// Cluster number in the device.
+    pub cluster_num: u32,
+    /// Stored 4 KiB blocks.
+    pub mask: BlockMask,
+    buf: Vec<u8>,
+}
+
+impl Captured {
+    /// A cluster whose stored blocks are the first `mask.data_len()` bytes
+    /// of `buf` (a buffer from [`CaptureQueue::take_buffer`], or empty for
+    /// an empty mask).
+    ///
+    /// # Panics
+    /// If `buf` is shorter than the mask says.
+    pub fn new(dev_id: u8, cluster_num: u32, mask: BlockMask, buf: Vec<u8>) -> Captured {
+        assert!(buf.len() >= mask.data_len(), "buffer shorter than its mask");
+        Captured {
+            dev_id,
+            cluster_num,
+            mask,
+            buf,
+        }
+    }
+
+    /// An all-zero cluster (nothing stored, no buffer).
+    pub fn zero(dev_id: u8, cluster_num: u32) -> Captured {
+        Captured::new(dev_id, cluster_num, BlockMask::EMPTY, Vec::new())
+    }
+
+    /// The stored blocks.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.mask.data_len()]
+    }
+
+    /// As a borrowed [`Cluster`].
+    pub fn as_cluster(&self) -> Cluster<'_> {
+        Cluster {
+            dev_id: self.dev_id,
+            cluster_num: self.cluster_num,
+            mask: self.mask,
+            data: self.data(),
+        }
+    }
+
+    /// Its buffer, for [`CaptureQueue::recycle`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// What it costs in the queue: its buffer (a whole cluster whatever
+    /// the mask: that is the memory it holds) plus [`ITEM_OVERHEAD`].
+    fn cost(&self) -> usize {
+        if self.mask.count() == 0 {
+            ITEM_OVERHEAD
+        } else {
+            CLUSTER_SIZE + ITEM_OVERHEAD
+        }
+    }
+}
+
+/// Why a push did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
     /// The deadline passed while the queue stayed full.
+    #[error("the queue stayed full until the deadline")]
     Timeout,
     /// The backup ended (aborted, or the queue was closed).
+    #[error("the backup is over")]
     Closed,
-    /// Writing the fleecing file failed (the message says why).
+    /// Writing the fleecing file failed.
+    #[error("writing the fleecing file failed: {0}")]
     Spill(String),
+}
+
+/// Why [`CaptureQueue::pop_batch`] could not deliver a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum PopError {
+    /// A spilled cluster could not be read back.
+    #[error("reading the fleecing file failed: {0}")]
+    Unspill(#[source] io::Error),
 }
 
 /// Where a pushed item went.
@@ -49,7 +137,7 @@ struct Spilled {
 }
 
 struct Inner {
-    items: VecDeque<ClusterBuf>,
+    items: VecDeque<Captured>,
     bytes: usize,
     closed: bool,
     aborted: bool,
@@ -59,6 +147,10 @@ struct Inner {
     spill_end: u64,
     /// Spill writes in progress (reserved, not yet listed).
     spilling: usize,
+    /// Copiers waiting for room.
+    producers_waiting: usize,
+    /// Whether the consumer waits for items.
+    consumer_waiting: bool,
 }
 
 /// A FIFO of captured clusters bounded by bytes (`capacity`): a push waits
@@ -68,7 +160,8 @@ struct Inner {
 /// The consumer is woken when the queue holds half its capacity (at most
 /// 1 MiB), or after 20 ms at the latest: a trickle of copy-before-write
 /// clusters then costs one wake-up of the stream writer (and of the
-/// processes behind it) per batch, not one per guest write.
+/// processes behind it) per batch, not one per guest write. It takes what
+/// is queued in batches of up to that threshold.
 ///
 /// With a fleecing file, a push that may spill does not wait when memory
 /// is full: the cluster is written to the file and read back when the
@@ -76,19 +169,14 @@ struct Inner {
 /// stall). The file grows by the clusters spilled; it is not reused.
 pub struct CaptureQueue {
     inner: Mutex<Inner>,
+    /// The consumer waits here.
     not_empty: Condvar,
+    /// Copiers wait here.
     not_full: Condvar,
     capacity: usize,
     wake_bytes: usize,
+    max_free: usize,
     fleece: Option<File>,
-}
-
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn cost(c: &ClusterBuf) -> usize {
-    c.data.len() + ITEM_OVERHEAD
 }
 
 impl CaptureQueue {
@@ -105,32 +193,50 @@ impl CaptureQueue {
                 spilled: VecDeque::new(),
                 spill_end: 0,
                 spilling: 0,
+                producers_waiting: 0,
+                consumer_waiting: false,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity,
             wake_bytes: (capacity / 2).clamp(1, 1 << 20),
+            max_free: capacity / CLUSTER_SIZE + SPARE_SLACK,
             fleece,
         }
     }
 
-    /// A 64 KiB buffer for packing a cluster, reused from one the writer
-    /// returned when possible (no allocation on the hot path once warm).
+    /// A whole-cluster buffer to capture into, reused from one the writer
+    /// returned when possible: no allocation on the hot path once warm,
+    /// and no clearing (the capture overwrites what it uses).
     pub fn take_buffer(&self) -> Vec<u8> {
-        let mut buf = lock(&self.inner).free.pop().unwrap_or_default();
-        buf.resize(CLUSTER_SIZE, 0);
-        buf
+        lock(&self.inner)
+            .free
+            .pop()
+            .unwrap_or_else(|| vec![0; CLUSTER_SIZE])
     }
 
-    /// Returns a cluster's buffer for reuse.
-    pub fn recycle(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < CLUSTER_SIZE {
-            return;
-        }
-        buf.clear();
+    /// `n` buffers at once (one lock).
+    pub fn take_buffers(&self, n: usize, out: &mut Vec<Vec<u8>>) {
         let mut inner = lock(&self.inner);
-        if inner.free.len() < MAX_FREE {
-            inner.free.push(buf);
+        while out.len() < n {
+            match inner.free.pop() {
+                Some(b) => out.push(b),
+                None => break,
+            }
+        }
+        drop(inner);
+        while out.len() < n {
+            out.push(vec![0; CLUSTER_SIZE]);
+        }
+    }
+
+    /// Returns buffers for reuse (those of zero clusters are ignored).
+    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut inner = lock(&self.inner);
+        for b in bufs {
+            if b.len() == CLUSTER_SIZE && inner.free.len() < self.max_free {
+                inner.free.push(b);
+            }
         }
     }
 
@@ -141,50 +247,101 @@ impl CaptureQueue {
     /// on failure and after a spill.
     pub fn push(
         &self,
-        item: ClusterBuf,
+        item: Captured,
         deadline: Option<Instant>,
         may_spill: bool,
     ) -> Result<Pushed, PushError> {
-        let c = cost(&item);
-        let mut inner = lock(&self.inner);
-        loop {
-            if inner.aborted || inner.closed {
+        let spill = may_spill && self.fleece.is_some();
+        let inner = lock(&self.inner);
+        let inner = match self.wait_for_room(inner, item.cost(), deadline, spill) {
+            Ok(inner) => inner,
+            Err((inner, e)) => {
+                if let (PushError::Timeout, true, Some(file)) = (&e, may_spill, &self.fleece) {
+                    return self.spill(inner, file, item);
+                }
                 drop(inner);
-                self.recycle(item.data);
-                return Err(PushError::Closed);
+                self.recycle([item.into_buffer()]);
+                return Err(e);
             }
-            if inner.items.is_empty() || inner.bytes + c <= self.capacity {
-                break;
-            }
-            if let (true, Some(file)) = (may_spill, &self.fleece) {
-                return self.spill(inner, file, item);
-            }
-            // Full: whatever the threshold, the consumer must run now.
-            self.not_empty.notify_one();
-            inner = match deadline {
-                None => self.not_full.wait(inner).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        drop(inner);
-                        self.recycle(item.data);
-                        return Err(PushError::Timeout);
-                    }
-                    self.not_full
-                        .wait_timeout(inner, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+        };
+        self.append(inner, item);
+        Ok(Pushed::Memory)
+    }
+
+    /// Appends every item of `items` in order (draining it), waiting for
+    /// room as long as it takes, with one lock for as many as fit. On
+    /// failure (the queue was aborted or closed) the buffers of the items
+    /// not queued are recycled.
+    pub fn push_all(&self, items: &mut Vec<Captured>) -> Result<(), PushError> {
+        let mut rest = items.drain(..);
+        let mut inner = lock(&self.inner);
+        while let Some(item) = rest.next() {
+            inner = match self.wait_for_room(inner, item.cost(), None, false) {
+                Ok(inner) => inner,
+                Err((inner, e)) => {
+                    drop(inner);
+                    self.recycle(std::iter::once(item).chain(rest).map(Captured::into_buffer));
+                    return Err(e);
                 }
             };
+            inner.bytes += item.cost();
+            inner.items.push_back(item);
         }
-        inner.bytes += c;
+        self.wake_consumer(inner);
+        Ok(())
+    }
+
+    /// Waits until `cost` more bytes fit (or the queue is empty), the
+    /// queue ends (`Closed`) or `deadline` passes (`Timeout`; at once if
+    /// the queue is full and the caller would rather `spill`).
+    #[allow(clippy::type_complexity)]
+    fn wait_for_room<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        cost: usize,
+        deadline: Option<Instant>,
+        spill: bool,
+    ) -> Result<MutexGuard<'a, Inner>, (MutexGuard<'a, Inner>, PushError)> {
+        loop {
+            if inner.aborted || inner.closed {
+                return Err((inner, PushError::Closed));
+            }
+            if inner.items.is_empty() || inner.bytes + cost <= self.capacity {
+                return Ok(inner);
+            }
+            if spill {
+                return Err((inner, PushError::Timeout));
+            }
+            // Full: whatever the threshold, the consumer must run now.
+            if inner.consumer_waiting {
+                self.not_empty.notify_one();
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err((inner, PushError::Timeout));
+            }
+            inner.producers_waiting += 1;
+            inner = match deadline {
+                None => wait(&self.not_full, inner),
+                Some(d) => wait_timeout(&self.not_full, inner, d - now).0,
+            };
+            inner.producers_waiting -= 1;
+        }
+    }
+
+    fn append(&self, mut inner: MutexGuard<'_, Inner>, item: Captured) {
+        inner.bytes += item.cost();
         inner.items.push_back(item);
-        let wake = inner.bytes >= self.wake_bytes;
+        self.wake_consumer(inner);
+    }
+
+    /// Wakes the consumer if it waits and enough is queued.
+    fn wake_consumer(&self, inner: MutexGuard<'_, Inner>) {
+        let wake = inner.consumer_waiting && inner.bytes >= self.wake_bytes;
         drop(inner);
         if wake {
             self.not_empty.notify_one();
         }
-        Ok(Pushed::Memory)
     }
 
     /// Writes `item` to the fleecing file: the space is reserved under the
@@ -193,19 +350,17 @@ impl CaptureQueue {
         &self,
         mut inner: MutexGuard<'_, Inner>,
         file: &File,
-        item: ClusterBuf,
+        item: Captured,
     ) -> Result<Pushed, PushError> {
         let offset = inner.spill_end;
-        inner.spill_end += item.data.len() as u64;
+        inner.spill_end += item.data().len() as u64;
         inner.spilling += 1;
         drop(inner);
-        let written = file.write_all_at(&item.data, offset);
+        let written = file.write_all_at(item.data(), offset);
         let mut inner = lock(&self.inner);
         inner.spilling -= 1;
         let result = match written {
-            Err(e) => Err(PushError::Spill(format!(
-                "writing the fleecing file failed: {e}"
-            ))),
+            Err(e) => Err(PushError::Spill(e.to_string())),
             Ok(()) if inner.aborted => Err(PushError::Closed),
             Ok(()) => {
                 inner.spilled.push_back(Spilled {
@@ -217,60 +372,70 @@ impl CaptureQueue {
                 Ok(Pushed::Spilled)
             }
         };
+        let wake = inner.consumer_waiting;
         drop(inner);
-        self.not_empty.notify_one();
-        self.recycle(item.data);
+        if wake {
+            self.not_empty.notify_one();
+        }
+        self.recycle([item.into_buffer()]);
         result
     }
 
-    /// The oldest item in memory, else the oldest spilled one, waiting for
-    /// one; `None` once the queue is closed and drained, or at once when it
-    /// is aborted (queued items are dropped). `Some(Err)` if a spilled item
-    /// cannot be read back.
-    pub fn pop(&self) -> Option<Result<ClusterBuf, String>> {
+    /// Moves the oldest items in memory (up to the wake-up threshold, at
+    /// least one) into `out`, else the oldest spilled one, waiting for
+    /// some. `Ok(false)` once the queue is closed and drained, or at once
+    /// when it is aborted (queued items are dropped); an error if a spilled
+    /// item cannot be read back.
+    pub fn pop_batch(&self, out: &mut Vec<Captured>) -> Result<bool, PopError> {
         let mut inner = lock(&self.inner);
         loop {
             if inner.aborted {
-                return None;
+                return Ok(false);
             }
-            if let Some(item) = inner.items.pop_front() {
-                inner.bytes -= cost(&item);
+            if !inner.items.is_empty() {
+                let mut taken = 0;
+                while let Some(item) = inner.items.front() {
+                    let c = item.cost();
+                    if taken > 0 && taken + c > self.wake_bytes {
+                        break;
+                    }
+                    taken += c;
+                    out.extend(inner.items.pop_front());
+                }
+                inner.bytes -= taken;
+                let wake = inner.producers_waiting > 0;
                 drop(inner);
-                // Several copiers may wait for room.
-                self.not_full.notify_all();
-                return Some(Ok(item));
+                if wake {
+                    // Several copiers may wait for room.
+                    self.not_full.notify_all();
+                }
+                return Ok(true);
             }
             if let Some(sp) = inner.spilled.pop_front() {
                 drop(inner);
-                return Some(self.unspill(sp));
+                out.push(self.unspill(sp)?);
+                return Ok(true);
             }
             if inner.closed && inner.spilling == 0 {
-                return None;
+                return Ok(false);
             }
-            inner = self
-                .not_empty
-                .wait_timeout(inner, LINGER)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            inner.consumer_waiting = true;
+            inner = wait_timeout(&self.not_empty, inner, LINGER).0;
+            inner.consumer_waiting = false;
         }
     }
 
-    fn unspill(&self, sp: Spilled) -> Result<ClusterBuf, String> {
-        let mut data = self.take_buffer();
-        data.truncate(sp.mask.data_len());
+    fn unspill(&self, sp: Spilled) -> Result<Captured, PopError> {
+        let mut buf = self.take_buffer();
         let file = self.fleece.as_ref().expect("spilled without a file");
-        match file.read_exact_at(&mut data, sp.offset) {
-            Ok(()) => Ok(ClusterBuf {
-                dev_id: sp.dev_id,
-                cluster_num: sp.cluster_num,
-                mask: sp.mask,
-                data,
-            }),
-            Err(e) => Err(format!("reading the fleecing file failed: {e}")),
+        match file.read_exact_at(&mut buf[..sp.mask.data_len()], sp.offset) {
+            Ok(()) => Ok(Captured::new(sp.dev_id, sp.cluster_num, sp.mask, buf)),
+            Err(e) => Err(PopError::Unspill(e)),
         }
     }
 
-    /// No more pushes: [`pop`](Self::pop) returns what is queued, then `None`.
+    /// No more pushes: [`pop_batch`](Self::pop_batch) returns what is
+    /// queued, then `Ok(false)`.
     pub fn close(&self) {
         lock(&self.inner).closed = true;
         self.not_empty.notify_all();
@@ -278,7 +443,7 @@ impl CaptureQueue {
     }
 
     /// Drops everything queued and wakes every waiter: pushes fail with
-    /// [`PushError::Closed`], pops return `None`.
+    /// [`PushError::Closed`], pops return `Ok(false)`.
     pub fn abort(&self) {
         let mut inner = lock(&self.inner);
         inner.aborted = true;
@@ -290,7 +455,7 @@ impl CaptureQueue {
         self.not_full.notify_all();
     }
 
-    /// Bytes queued (data plus per-item overhead).
+    /// Bytes queued (buffers plus per-item overhead).
     pub fn bytes(&self) -> usize {
         lock(&self.inner).bytes
     }
@@ -301,32 +466,59 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
-    use vma_format::BlockMask;
 
-    fn item(n: u32, blocks: usize) -> ClusterBuf {
-        ClusterBuf {
-            dev_id: 1,
-            cluster_num: n,
-            mask: BlockMask(((1u32 << blocks) - 1) as u16),
-            data: vec![1; blocks * 4096],
+    fn item(n: u32, blocks: usize) -> Captured {
+        let mut buf = vec![0; CLUSTER_SIZE];
+        buf[..blocks * 4096].fill(1);
+        Captured::new(1, n, BlockMask(((1u32 << blocks) - 1) as u16), buf)
+    }
+
+    fn pop(q: &CaptureQueue) -> Option<Captured> {
+        let mut out = Vec::new();
+        match q.pop_batch(&mut out).unwrap() {
+            true => {
+                assert_eq!(out.len(), 1, "one item expected");
+                out.pop()
+            }
+            false => None,
         }
     }
 
     #[test]
     fn bounded_by_bytes_with_timeout() {
-        let q = CaptureQueue::new(10_000, None);
+        let q = CaptureQueue::new(100_000, None);
         q.push(item(0, 2), None, true).unwrap(); // admitted into an empty queue
         let soon = Instant::now() + Duration::from_millis(30);
         assert_eq!(
             q.push(item(1, 1), Some(soon), true),
             Err(PushError::Timeout)
         );
-        assert_eq!(q.pop().unwrap().unwrap().cluster_num, 0);
+        assert_eq!(pop(&q).unwrap().cluster_num, 0);
         q.push(item(2, 1), Some(soon), false).unwrap();
         q.close();
-        assert_eq!(q.pop().unwrap().unwrap().cluster_num, 2);
-        assert!(q.pop().is_none());
+        assert_eq!(pop(&q).unwrap().cluster_num, 2);
+        assert!(pop(&q).is_none());
         assert_eq!(q.push(item(3, 0), None, false), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn batches_and_spare_buffers() {
+        let q = CaptureQueue::new(4 << 20, None);
+        let mut items: Vec<Captured> = (0..40).map(|n| item(n, 16)).collect();
+        q.push_all(&mut items).unwrap();
+        assert!(items.is_empty());
+        q.close();
+        let mut out = Vec::new();
+        let mut got = Vec::new();
+        while q.pop_batch(&mut out).unwrap() {
+            // At most the wake-up threshold (1 MiB) per batch.
+            assert!(out.len() <= 16, "{}", out.len());
+            got.extend(out.iter().map(|c| c.cluster_num));
+            q.recycle(out.drain(..).map(Captured::into_buffer));
+        }
+        assert_eq!(got, (0..40).collect::<Vec<_>>());
+        // Reused buffers keep their old bytes: nothing is cleared.
+        assert_eq!(q.take_buffer()[0], 1);
     }
 
     #[test]
@@ -338,7 +530,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         q.abort();
         assert_eq!(t.join().unwrap(), Err(PushError::Closed));
-        assert!(q.pop().is_none());
+        assert!(pop(&q).is_none());
         assert_eq!(q.bytes(), 0);
     }
 
@@ -348,7 +540,7 @@ mod tests {
         let q = CaptureQueue::new(1, Some(f));
         assert_eq!(q.push(item(0, 1), None, true), Ok(Pushed::Memory));
         let mut two = item(1, 2);
-        two.data[5000] = 9;
+        two.buf[5000] = 9;
         assert_eq!(q.push(two.clone(), None, true), Ok(Pushed::Spilled));
         assert_eq!(q.push(item(2, 0), None, true), Ok(Pushed::Spilled));
         // Without may_spill it would wait.
@@ -358,9 +550,10 @@ mod tests {
             Err(PushError::Timeout)
         );
         q.close();
-        assert_eq!(q.pop().unwrap().unwrap().cluster_num, 0);
-        assert_eq!(q.pop().unwrap().unwrap(), two);
-        assert_eq!(q.pop().unwrap().unwrap(), item(2, 0));
-        assert!(q.pop().is_none());
+        assert_eq!(pop(&q).unwrap().cluster_num, 0);
+        let back = pop(&q).unwrap();
+        assert_eq!(back.as_cluster(), two.as_cluster());
+        assert_eq!(pop(&q).unwrap().as_cluster(), item(2, 0).as_cluster());
+        assert!(pop(&q).is_none());
     }
 }

@@ -30,6 +30,9 @@ pub struct ServeConfig {
     pub tcp: Option<SocketAddr>,
     /// Exports: (name, image path), in device order.
     pub exports: Vec<(String, PathBuf)>,
+    /// Serve images that start like another image format (qcow2, …) as
+    /// raw disks instead of refusing them (`--assume-raw`).
+    pub assume_raw: bool,
 }
 
 /// The default control socket for an NBD socket path: `PATH.ctl`.
@@ -67,7 +70,8 @@ impl Tap {
     /// # Errors
     /// A one-line [`Failure`]: usage (code 2) for a bad export name (empty,
     /// unsafe as a file name, `vmstate`, repeated), the same image twice,
-    /// an image in a format such as qcow2 (see `vma_cli::image_format`),
+    /// an image in a format such as qcow2 unless `assume_raw` (see
+    /// `vma_cli::image_format`),
     /// too many exports; I/O (code 3) for an image that cannot be opened,
     /// is in use (QEMU's image locks, see [`crate::lock`]), is empty or too
     /// large, or a socket that cannot be bound.
@@ -106,7 +110,13 @@ impl Tap {
             let backend = FileBackend::open(path, false)
                 .map_err(|e| Failure::new(exit::IO, format!("{p}: {e}")))?;
             // A qcow2 (or other) container would be served as its bytes.
-            vma_cli::image_format::refuse_images(&p.to_string(), backend.file(), "")?;
+            if !cfg.assume_raw {
+                vma_cli::image_format::refuse_images(
+                    &p.to_string(),
+                    backend.file(),
+                    "; --assume-raw serves it as a raw disk",
+                )?;
+            }
             let meta = backend
                 .file()
                 .metadata()

@@ -4,7 +4,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Live counters, updated with relaxed atomics from every thread.
 pub(crate) struct Counters {
@@ -89,8 +90,12 @@ impl Counters {
     }
 }
 
-/// What a backup did, as reported at its end.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+/// What a backup did, as reported at its end; in JSON (the final status
+/// of the control protocol, `cbw-tap backup --json`) with durations as
+/// float seconds in fields named `…_seconds` and `bytes_read` as
+/// `[{"device":…,"bytes":…}]`. Missing fields read as 0.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Clusters captured by the background reader (holes included).
     pub reader_clusters: u64,
@@ -105,6 +110,7 @@ pub struct Stats {
     pub cbw_hole_clusters: u64,
     /// Bytes read from each image (export name, bytes), in device order:
     /// by the background reader and by copy-before-write together.
+    #[serde(with = "device_bytes")]
     pub bytes_read: Vec<(String, u64)>,
     /// Bytes the background reader read, all images together: what
     /// `--bwlimit` limits.
@@ -112,6 +118,7 @@ pub struct Stats {
     /// Bytes copy-before-write read, all images together: never limited.
     pub cbw_bytes_read: u64,
     /// Time the background reader waited for `--bwlimit`.
+    #[serde(rename = "reader_pace_wait_seconds", with = "seconds")]
     pub reader_pace_wait: Duration,
     /// Cluster records handed to the stream.
     pub clusters_emitted: u64,
@@ -120,8 +127,10 @@ pub struct Stats {
     /// Guest writes that waited for a copy (their own or another's).
     pub guest_writes_delayed: u64,
     /// The longest such wait.
+    #[serde(rename = "longest_delay_seconds", with = "seconds")]
     pub longest_delay: Duration,
     /// All such waits added up.
+    #[serde(rename = "total_delay_seconds", with = "seconds")]
     pub total_delay: Duration,
     /// Guest writes failed with `EIO` (break-guest-write).
     pub guest_writes_failed: u64,
@@ -132,85 +141,60 @@ pub struct Stats {
     /// Their data bytes.
     pub spilled_bytes: u64,
     /// Time from the instant to now (or to the end).
+    #[serde(rename = "elapsed_seconds", with = "seconds")]
     pub elapsed: Duration,
 }
 
 impl Stats {
     /// As JSON (durations in seconds, as floats).
     pub fn to_json(&self) -> Value {
-        json!({
-            "reader_clusters": self.reader_clusters,
-            "reader_hole_clusters": self.reader_hole_clusters,
-            "cbw_clusters": self.cbw_clusters,
-            "cbw_reads": self.cbw_reads,
-            "cbw_hole_clusters": self.cbw_hole_clusters,
-            "bytes_read": self.bytes_read.iter()
-                .map(|(n, b)| json!({"device": n, "bytes": b}))
-                .collect::<Vec<_>>(),
-            "reader_bytes_read": self.reader_bytes_read,
-            "cbw_bytes_read": self.cbw_bytes_read,
-            "reader_pace_wait_seconds": self.reader_pace_wait.as_secs_f64(),
-            "clusters_emitted": self.clusters_emitted,
-            "bytes_emitted": self.bytes_emitted,
-            "guest_writes_delayed": self.guest_writes_delayed,
-            "longest_delay_seconds": self.longest_delay.as_secs_f64(),
-            "total_delay_seconds": self.total_delay.as_secs_f64(),
-            "guest_writes_failed": self.guest_writes_failed,
-            "snapshot_breaks": self.snapshot_breaks,
-            "spilled_clusters": self.spilled_clusters,
-            "spilled_bytes": self.spilled_bytes,
-            "elapsed_seconds": self.elapsed.as_secs_f64(),
-        })
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
-    /// Parses [`to_json`](Self::to_json)'s output; missing fields are 0.
+    /// Parses [`to_json`](Self::to_json)'s output; missing fields are 0,
+    /// and so is everything if it is not such an object.
     pub fn from_json(v: &Value) -> Stats {
-        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-        let d = |k: &str| {
-            Duration::from_secs_f64(
-                v.get(k)
-                    .and_then(Value::as_f64)
-                    .filter(|x| x.is_finite() && *x >= 0.0)
-                    .unwrap_or(0.0),
-            )
-        };
-        Stats {
-            reader_clusters: n("reader_clusters"),
-            reader_hole_clusters: n("reader_hole_clusters"),
-            cbw_clusters: n("cbw_clusters"),
-            cbw_reads: n("cbw_reads"),
-            cbw_hole_clusters: n("cbw_hole_clusters"),
-            bytes_read: v
-                .get("bytes_read")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|e| {
-                            (
-                                e.get("device")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("")
-                                    .to_string(),
-                                e.get("bytes").and_then(Value::as_u64).unwrap_or(0),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            reader_bytes_read: n("reader_bytes_read"),
-            cbw_bytes_read: n("cbw_bytes_read"),
-            reader_pace_wait: d("reader_pace_wait_seconds"),
-            clusters_emitted: n("clusters_emitted"),
-            bytes_emitted: n("bytes_emitted"),
-            guest_writes_delayed: n("guest_writes_delayed"),
-            longest_delay: d("longest_delay_seconds"),
-            total_delay: d("total_delay_seconds"),
-            guest_writes_failed: n("guest_writes_failed"),
-            snapshot_breaks: n("snapshot_breaks"),
-            spilled_clusters: n("spilled_clusters"),
-            spilled_bytes: n("spilled_bytes"),
-            elapsed: d("elapsed_seconds"),
-        }
+        Stats::deserialize(v).unwrap_or_default()
+    }
+}
+
+/// Durations as float seconds; negative, non-finite or huge ones read as 0.
+mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let x = f64::deserialize(d)?;
+        Ok(Duration::try_from_secs_f64(x).unwrap_or_default())
+    }
+}
+
+/// `bytes_read` as a list of `{"device":NAME,"bytes":N}`.
+mod device_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        device: String,
+        #[serde(default)]
+        bytes: u64,
+    }
+
+    pub fn serialize<S: Serializer>(v: &[(String, u64)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|(device, bytes)| Entry {
+            device: device.clone(),
+            bytes: *bytes,
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, u64)>, D::Error> {
+        let v = Vec::<Entry>::deserialize(d)?;
+        Ok(v.into_iter().map(|e| (e.device, e.bytes)).collect())
     }
 }
 

@@ -462,7 +462,7 @@ fn break_snapshot_aborts_the_backup_and_lets_the_write_through() {
     let reason = "copy-before-write on a timed out after 0.2 s (the consumer does not keep up)";
     assert_eq!(backup.abort_reason().as_deref(), Some(reason));
     sink.stall(false);
-    assert_eq!(writer.join().unwrap(), Err(reason.to_string()));
+    assert_eq!(writer.join().unwrap(), Err(reason.into()));
     // The reader stops at once.
     backup.run_reader();
     engine.end(&backup);
@@ -641,7 +641,7 @@ fn a_panic_in_the_stream_writer_ends_the_backup_and_the_next_one_works() {
     let result = engine.run(&backup, |_| Ok(PanickingSink { at: 3, seen: 0 }));
     assert_eq!(
         result,
-        Err("internal error: the stream writer panicked: boom at cluster 3".to_string())
+        Err("internal error: the stream writer panicked: boom at cluster 3".into())
     );
     assert!(backup.is_over());
     assert!(engine.current().is_none(), "the backup is still running");
@@ -653,7 +653,7 @@ fn a_panic_in_the_stream_writer_ends_the_backup_and_the_next_one_works() {
     });
     assert_eq!(
         result,
-        Err("internal error: the stream writer panicked: no sink today".to_string())
+        Err("internal error: the stream writer panicked: no sink today".into())
     );
     assert!(engine.current().is_none());
 

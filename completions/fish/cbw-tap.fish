@@ -32,6 +32,7 @@ complete -c cbw-tap -n "__fish_cbw_tap_needs_command" -f -a "help" -d 'Print thi
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l socket -d 'NBD Unix socket to create (mode 0600)' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l control -d 'Control socket for `cbw-tap backup` (mode 0600) [default: PATH.ctl]' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l tcp -d 'Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809 (no TLS, no authentication)' -r
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l assume-raw -d 'Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD as raw disks all the same (a guest may write such bytes to its own disk\'s first sector; without this the next serve refuses it)'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l control -d 'The server\'s control socket' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l buffer -d 'Captured clusters that may wait for the consumer, e.g. 64M' -r

@@ -100,6 +100,19 @@ pub trait Backend: Send + Sync {
     /// buffer must be filled; a short read is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Fill `bufs`, one after the other, with the bytes from `offset` on
+    /// (a scatter read: the bytes of one range into several buffers), all
+    /// of them or an error. Default: one [`read_at`](Backend::read_at) per
+    /// buffer; [`FileBackend`](crate::FileBackend) makes it one `preadv`.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
+
     /// Write all of `buf` at `offset`. With `fua` (force unit access) the data
     /// must be on stable storage before returning.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;

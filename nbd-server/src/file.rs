@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom as RawSeekFrom};
-use rustix::io::Errno;
+use std::io::IoSliceMut;
+
+use rustix::io::{preadv, Errno};
 
 use crate::backend::{Backend, Extent, ZeroFlags};
 
@@ -122,6 +124,41 @@ impl Backend for FileBackend {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// One `preadv` in the common case; a short read is finished piece by
+    /// piece (and fails at the end of the file, as `read_at` does).
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        const MOST: usize = 16;
+        if bufs.len() > MOST {
+            let (head, tail) = bufs.split_at_mut(MOST);
+            self.read_vectored_at(head, offset)?;
+            let done: u64 = head.iter().map(|b| b.len() as u64).sum();
+            return self.read_vectored_at(tail, offset + done);
+        }
+        let count = bufs.len();
+        let mut got = loop {
+            let mut slices: [IoSliceMut<'_>; MOST] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            for (s, b) in slices.iter_mut().zip(bufs.iter_mut()) {
+                *s = IoSliceMut::new(b);
+            }
+            match preadv(&self.file, &mut slices[..count], offset) {
+                Ok(n) => break n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            let len = b.len();
+            if got < len {
+                self.file.read_exact_at(&mut b[got..], at + got as u64)?;
+            }
+            got = got.saturating_sub(len);
+            at += len as u64;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

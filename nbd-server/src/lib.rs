@@ -4,9 +4,13 @@
 //!
 //! It serves anything that implements [`Backend`]; [`FileBackend`] serves raw
 //! image files and block devices. It knows nothing of VMA. Plain std threads,
-//! no async runtime: one thread accepts on each listener, one thread serves
-//! each connection, answering its requests in order (clients such as QEMU
-//! pipeline requests; in-order replies are valid).
+//! no async runtime: one thread accepts on each listener, one thread reads
+//! each connection's requests, and up to [`MAX_IN_FLIGHT`] workers of that
+//! connection execute them concurrently, each reply written whole under a
+//! lock as its request finishes, in any order (clients such as QEMU pipeline
+//! requests and match replies by handle). So a request that waits — a write
+//! a copy-before-write backend holds until it has saved the old data — does
+//! not hold up reads and writes behind it.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -81,7 +85,8 @@
 //!   (64, [`Server::set_max_connections`]) are served at once; one more is
 //!   closed as soon as it is accepted. Memory: per connection a 64 KiB read
 //!   buffer and one data buffer of at most [`READ_CHUNK`] (256 KiB; reads are
-//!   sent in pieces of that size); write payloads above it share one budget
+//!   sent in pieces of that size) per request in flight (at most
+//!   [`MAX_IN_FLIGHT`]); write payloads above it share one budget
 //!   of [`DEFAULT_PAYLOAD_MEMORY`] (64 MiB, [`Server::set_payload_memory`])
 //!   and wait for room — so 24 clients each reading 32 MiB hold 24 × 256 KiB,
 //!   not 24 × 32 MiB ([`ServerHandle::stats`] counts the bytes). A client
@@ -110,14 +115,17 @@ mod file;
 mod limits;
 mod proto;
 mod server;
+mod socket;
+pub mod sync;
 
 pub use backend::{Backend, Extent, ZeroFlags};
+pub use conn::MAX_IN_FLIGHT;
 pub use file::FileBackend;
 pub use server::{
-    bind_unix_socket, ExportError, Listener, Server, ServerHandle, ServerStats,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PAYLOAD_MEMORY,
-    DEFAULT_REQUEST_TIMEOUT,
+    ExportError, Server, ServerHandle, ServerStats, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_PAYLOAD_MEMORY, DEFAULT_REQUEST_TIMEOUT,
 };
+pub use socket::{bind_unix_socket, Listener};
 
 /// Largest read or write payload accepted in one request: 32 MiB, advertised
 /// as the maximum block size.

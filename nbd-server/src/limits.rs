@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use crate::sync::{lock, wait};
+
 /// Limits and counters shared by all connections of one server.
 pub(crate) struct Limits {
     /// From the first byte of a request to its last (header and payload).
@@ -58,9 +60,9 @@ impl Limits {
     /// payload budget, waiting until that much is free.
     pub fn payload(&self, len: usize) -> Payload<'_> {
         let len = len.min(self.budget);
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = lock(&self.used);
         while *used + len > self.budget {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used = wait(&self.freed, used);
         }
         *used += len;
         drop(used);
@@ -83,7 +85,7 @@ impl Drop for Payload<'_> {
         let len = self.data.len();
         self.data = Vec::new();
         self.limits.shrink(len);
-        let mut used = self.limits.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = lock(&self.limits.used);
         *used -= len;
         drop(used);
         self.limits.freed.notify_all();

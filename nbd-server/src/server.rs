@@ -2,15 +2,12 @@
 //! connections).
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io;
+use std::net::Shutdown;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -19,6 +16,8 @@ use rustix::event::{poll, PollFd, PollFlags};
 use crate::backend::Backend;
 use crate::conn::{Connection, Export};
 use crate::limits::Limits;
+use crate::socket::{Listener, Stream};
+use crate::sync::lock;
 use crate::MAX_STRING;
 
 /// Why an export could not be added to a [`Server`].
@@ -266,81 +265,6 @@ impl Server {
     }
 }
 
-/// A socket to accept NBD clients on.
-#[derive(Debug)]
-pub enum Listener {
-    /// A Unix-domain socket, e.g. from [`bind_unix_socket`].
-    Unix(UnixListener),
-    /// A TCP socket. Accepted connections get `TCP_NODELAY`.
-    Tcp(TcpListener),
-}
-
-impl From<UnixListener> for Listener {
-    fn from(l: UnixListener) -> Self {
-        Listener::Unix(l)
-    }
-}
-
-impl From<TcpListener> for Listener {
-    fn from(l: TcpListener) -> Self {
-        Listener::Tcp(l)
-    }
-}
-
-/// Binds a Unix-domain socket at `path` that only the owner may connect to
-/// (mode 0600).
-///
-/// The socket is created under a temporary name in the same directory,
-/// restricted to 0600, and renamed into place, so no other user can connect
-/// through `path` during setup whatever the umask. A stale socket at `path`
-/// (nobody accepting on it) is replaced; a live one gives
-/// [`io::ErrorKind::AddrInUse`], and anything that is not a socket
-/// [`io::ErrorKind::AlreadyExists`]. The socket file is never removed by the
-/// server: delete it when done.
-///
-/// # Errors
-/// As above, plus whatever `bind`, `chmod` or `rename` fail with.
-pub fn bind_unix_socket(path: &Path) -> io::Result<UnixListener> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by another server", path.display()),
-                ));
-            }
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name")
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(
-        ".{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = path.with_file_name(tmp_name);
-    let listener = UnixListener::bind(&tmp)?;
-    let result = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(listener)
-}
-
 /// State shared by the handle, the accept threads and the connections.
 struct Shared {
     exports: Vec<Export>,
@@ -355,65 +279,6 @@ struct Shared {
     open: Mutex<HashMap<u64, Stream>>,
     /// Connection threads not yet joined.
     threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// Locks ignoring poisoning: the protected data stays consistent because no
-/// code panics while holding these locks.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Waits until `listener` has a client or the server stops; `true` if the
@@ -510,12 +375,19 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
             };
             // A connection's end, clean or not, concerns only that client.
             let timeouts = stream.try_clone();
+            let killer = stream.try_clone();
+            let kill = || {
+                if let Ok(s) = &killer {
+                    s.shutdown();
+                }
+            };
             let conn = Connection::new(
                 reader,
                 stream,
                 &shared2.exports,
                 &shared2.stopping,
                 &shared2.limits,
+                &kill,
             );
             let _ = conn.run(|| {
                 // In transmission the receive timeout is a tick at which a

@@ -51,6 +51,36 @@ pub fn pack_cluster(raw: &[u8], valid: usize, out: &mut [u8]) -> (BlockMask, usi
     (BlockMask(mask), used)
 }
 
+/// [`pack_cluster`] in place: `buf` holds the cluster as read (its first
+/// `valid` bytes lie inside the device; later bytes are ignored); its
+/// non-zero blocks are moved, in order, to the start of `buf` (a block
+/// already in place is not touched), a stored block that straddles `valid`
+/// is zeroed past it, and the mask is returned. The stored blocks are then
+/// `buf[..mask.data_len()]`. Saves the copy into a second buffer for a
+/// producer that reads straight into the buffer it hands on.
+pub fn pack_cluster_in_place(buf: &mut [u8], valid: usize) -> BlockMask {
+    let valid = valid.min(buf.len()).min(CLUSTER_SIZE);
+    let mut mask = 0u16;
+    let mut used = 0;
+    for i in 0..BLOCKS_PER_CLUSTER {
+        let start = i * BLOCK_SIZE;
+        if start >= valid {
+            break;
+        }
+        let end = (start + BLOCK_SIZE).min(valid);
+        if is_zero_block(&buf[start..end]) {
+            continue;
+        }
+        mask |= 1 << i;
+        if used != start {
+            buf.copy_within(start..end, used);
+        }
+        buf[used + (end - start)..used + BLOCK_SIZE].fill(0);
+        used += BLOCK_SIZE;
+    }
+    BlockMask(mask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +115,22 @@ mod tests {
             pack_cluster(&[1u8; 10], CLUSTER_SIZE, &mut out),
             (BlockMask(1), BLOCK_SIZE)
         );
+    }
+
+    #[test]
+    fn packing_in_place_matches_pack_cluster() {
+        let mut raw = vec![0u8; CLUSTER_SIZE];
+        raw[4096 * 3 + 7] = 1;
+        raw[4096 * 5..4096 * 6].fill(2);
+        raw[4096 * 9 + 100] = 3; // straddles `valid` below
+        raw[4096 * 9 + 3000] = 4; // past `valid`: ignored
+        for valid in [CLUSTER_SIZE, 4096 * 9 + 2000, 100] {
+            let mut out = vec![0xffu8; CLUSTER_SIZE];
+            let (mask, used) = pack_cluster(&raw, valid, &mut out);
+            let mut buf = raw.clone();
+            let m = pack_cluster_in_place(&mut buf, valid);
+            assert_eq!(m, mask);
+            assert_eq!(buf[..used], out[..used]);
+        }
     }
 }

@@ -1,0 +1,76 @@
+//! The stream writer: drains the queue into the sink, a batch at a time,
+//! and returns the buffers for the next captures.
+
+use std::sync::atomic::Ordering;
+
+use super::reader::lower_thread_priority;
+use super::{Aborted, Backup, CaptureSink};
+use crate::queue::Captured;
+
+impl Backup {
+    /// Drains the queue into `sink` until the reader has closed it, then
+    /// finishes the sink — or, if the backup was aborted, aborts the sink
+    /// with the reason. A sink error (the consumer is gone) aborts the
+    /// backup. Returns why it was aborted unless the sink was finished.
+    /// Like the reader, the calling thread gets nice 10 for the rest of its
+    /// life (backup work yields to guest I/O).
+    pub fn run_writer<S: CaptureSink>(&self, mut sink: S) -> Result<(), Aborted> {
+        lower_thread_priority();
+        let mut emitted = 0u64;
+        let mut batch: Vec<Captured> = Vec::new();
+        let drained = loop {
+            match self.queue.pop_batch(&mut batch) {
+                Err(e) => break Err(e.to_string()),
+                Ok(false) => break Ok(()),
+                Ok(true) => {
+                    let mut failed = None;
+                    for item in &batch {
+                        if let Err(e) = sink.cluster(&item.as_cluster()) {
+                            failed = Some(e);
+                            break;
+                        }
+                        emitted += 1;
+                        self.counters.emitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.queue
+                        .recycle(batch.drain(..).map(Captured::into_buffer));
+                    if let Some(e) = failed {
+                        break Err(format!("writing the cluster stream failed: {e}"));
+                    }
+                }
+            }
+        };
+        let fail = |reason: String, sink: S| {
+            self.abort(reason);
+            let reason = self.abort_reason().unwrap_or_default();
+            let _ = sink.abort(&reason);
+            Err(Aborted(reason))
+        };
+        if let Err(reason) = drained {
+            return fail(reason, sink);
+        }
+        if let Some(reason) = self.abort_reason() {
+            let _ = sink.abort(&reason);
+            return Err(Aborted(reason));
+        }
+        if emitted != self.total_clusters() {
+            return fail(
+                format!(
+                    "internal error: {emitted} clusters captured, {} expected",
+                    self.total_clusters()
+                ),
+                sink,
+            );
+        }
+        // Finish while still "running", so a late abort (client gone) is
+        // not mistaken for success.
+        match sink.finish() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let reason = format!("finishing the cluster stream failed: {e}");
+                self.abort(reason.clone());
+                Err(Aborted(reason))
+            }
+        }
+    }
+}
