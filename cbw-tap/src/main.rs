@@ -48,6 +48,12 @@ enum Cmd {
         /// own disk's first sector; without this the next serve refuses it).
         #[arg(long)]
         assume_raw: bool,
+        /// Keep the changed-cluster tracking across restarts: saved to
+        /// DIR/cbw-tap.state on a clean shutdown, read (and removed) at
+        /// start. Without it, or after an unclean stop, the next
+        /// `backup --incremental` is full.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Exports: NAME=IMAGE (raw image file or block device), in device
         /// order.
         #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
@@ -91,6 +97,14 @@ enum Cmd {
         /// Print the final status and counters as one JSON object on stderr.
         #[arg(long)]
         json: bool,
+        /// Only the clusters written since the last completed backup (full
+        /// if there is none); `vma-encode --base LAST.vma -` completes it.
+        #[arg(long)]
+        incremental: bool,
+        /// Archive uuid derived from NAME (the same for every backup made
+        /// with it), instead of a random one; give vma-encode no --uuid.
+        #[arg(long, value_name = "NAME")]
+        uuid_from: Option<String>,
     },
 }
 
@@ -110,8 +124,10 @@ fn main() {
             control,
             tcp,
             assume_raw,
+            state_dir,
             exports,
         } => serve(ServeConfig {
+            state_dir,
             control: control.unwrap_or_else(|| default_control(&socket)),
             socket,
             tcp,
@@ -128,6 +144,8 @@ fn main() {
             pre,
             post,
             json,
+            incremental,
+            uuid_from,
         } => {
             if !(cbw_timeout.is_finite() && cbw_timeout > 0.0) {
                 eprintln!("cbw-tap backup: --cbw-timeout must be a positive number of seconds");
@@ -158,6 +176,10 @@ fn main() {
                             std::process::exit(exit::USAGE);
                         }
                     },
+                    incremental,
+                    uuid: uuid_from
+                        .as_deref()
+                        .map(vma_format::identity::uuid_from_name),
                 },
                 pre,
                 post,

@@ -31,6 +31,7 @@ pub mod clusterset;
 pub mod error;
 pub mod extent;
 pub mod header;
+pub mod identity;
 pub mod names;
 pub mod reader;
 pub mod stream;

@@ -26,14 +26,19 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use crate::cluster::{BlockMask, Cluster};
 use crate::clusterset::ClusterSet;
 use crate::error::{Error, Location};
+use crate::identity::{BackupIdentity, IDENTITY_SIZE};
 use crate::{
     clusters_for, CLUSTER_SIZE, MAX_BLOB_SIZE, MAX_DEVICES, MAX_DEVICE_SIZE, VMSTATE_NAME,
 };
 
 /// Magic number at the start of every cluster stream.
 pub const MAGIC: [u8; 8] = *b"VMACSTRM";
-/// The version this module reads and writes.
+/// The version this module writes without a [`BackupIdentity`].
 pub const VERSION: u16 = 1;
+/// The version with a [`BackupIdentity`] in the preamble (after the
+/// devices): the archive uuid, and for an incremental stream its base.
+/// Readers of version 1 refuse it (`unsupported cluster stream version 2`).
+pub const VERSION_IDENTITY: u16 = 2;
 /// Record type of a cluster record.
 pub const RECORD_CLUSTER: u8 = b'C';
 /// Record type of the end record.
@@ -138,10 +143,28 @@ impl<W: Write> StreamWriter<W> {
         backup_time: i64,
         devices: &[StreamDevice],
     ) -> Result<StreamWriter<W>, Error> {
+        Self::with_identity(out, backup_time, devices, None)
+    }
+
+    /// [`new`](Self::new), and with `Some(identity)` a version-2 stream
+    /// that names its archive uuid and, if incremental, its base. An
+    /// incremental stream carries only the clusters changed since the base
+    /// (the end record counts what was sent).
+    pub fn with_identity(
+        out: W,
+        backup_time: i64,
+        devices: &[StreamDevice],
+        identity: Option<&BackupIdentity>,
+    ) -> Result<StreamWriter<W>, Error> {
         check_devices(devices).map_err(Error::invalid)?;
         let mut pre = Vec::with_capacity(PREAMBLE_FIXED_SIZE + 4);
         pre.extend_from_slice(&MAGIC);
-        pre.extend_from_slice(&VERSION.to_be_bytes());
+        let version = if identity.is_some() {
+            VERSION_IDENTITY
+        } else {
+            VERSION
+        };
+        pre.extend_from_slice(&version.to_be_bytes());
         pre.extend_from_slice(&0u16.to_be_bytes());
         pre.extend_from_slice(&backup_time.to_be_bytes());
         pre.extend_from_slice(&(devices.len() as u16).to_be_bytes());
@@ -149,6 +172,9 @@ impl<W: Write> StreamWriter<W> {
             pre.extend_from_slice(&d.size.to_be_bytes());
             pre.extend_from_slice(&(d.name.len() as u16).to_be_bytes());
             pre.extend_from_slice(d.name.as_bytes());
+        }
+        if let Some(id) = identity {
+            pre.extend_from_slice(&id.encode());
         }
         let crc = crc32fast::hash(&pre);
         pre.extend_from_slice(&crc.to_be_bytes());
@@ -314,6 +340,7 @@ struct DeviceState {
 pub struct StreamReader<R: Read> {
     inner: BufReader<R>,
     backup_time: i64,
+    identity: Option<BackupIdentity>,
     devices: Vec<StreamDevice>,
     state: Vec<DeviceState>,
     body: Box<[u8]>,
@@ -344,9 +371,9 @@ impl<R: Read> StreamReader<R> {
         }
         crc.update(&fixed);
         let version = u16::from_be_bytes([fixed[8], fixed[9]]);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_IDENTITY {
             return Err(pre_damaged(format!(
-                "unsupported cluster stream version {version} (this reader knows {VERSION})"
+                "unsupported cluster stream version {version} (this reader knows {VERSION} and {VERSION_IDENTITY})"
             )));
         }
         let flags = u16::from_be_bytes([fixed[10], fixed[11]]);
@@ -380,12 +407,23 @@ impl<R: Read> StreamReader<R> {
             pos += 10 + len as u64;
             raw.push((name, size));
         }
+        let mut id_bytes = [0u8; IDENTITY_SIZE];
+        if version == VERSION_IDENTITY {
+            read_exact_pre(&mut inner, &mut id_bytes, pos)?;
+            crc.update(&id_bytes);
+            pos += IDENTITY_SIZE as u64;
+        }
         let mut stored = [0u8; 4];
         read_exact_pre(&mut inner, &mut stored, pos)?;
         pos += 4;
         if crc.finalize() != u32::from_be_bytes(stored) {
             return Err(pre_damaged("preamble checksum mismatch"));
         }
+        let identity = if version == VERSION_IDENTITY {
+            Some(BackupIdentity::decode(&id_bytes).map_err(pre_damaged)?)
+        } else {
+            None
+        };
         let mut devices = Vec::with_capacity(count);
         for (i, (name, size)) in raw.into_iter().enumerate() {
             let name = String::from_utf8(name)
@@ -410,6 +448,7 @@ impl<R: Read> StreamReader<R> {
         Ok(StreamReader {
             inner,
             backup_time,
+            identity,
             devices,
             state,
             body: vec![0u8; CLUSTER_SIZE].into_boxed_slice(),
@@ -424,6 +463,18 @@ impl<R: Read> StreamReader<R> {
     /// The backup instant, in seconds since the epoch.
     pub fn backup_time(&self) -> i64 {
         self.backup_time
+    }
+
+    /// The identity of a version-2 stream (archive uuid, base of an
+    /// incremental stream); `None` for version 1.
+    pub fn identity(&self) -> Option<&BackupIdentity> {
+        self.identity.as_ref()
+    }
+
+    /// Whether only changed clusters come (an incremental stream): the
+    /// end checks no cluster is missing only for full streams.
+    pub fn is_incremental(&self) -> bool {
+        self.identity.is_some_and(|i| i.base.is_some())
     }
 
     /// The devices, id 1 first.
@@ -639,6 +690,9 @@ impl<R: Read> StreamReader<R> {
                 ));
             }
         }
+        if self.is_incremental() {
+            return Ok(());
+        }
         for (dev, st) in self.devices.iter().zip(&self.state) {
             if let Some(first) = st.seen.first_missing() {
                 return Err(format!(
@@ -790,6 +844,53 @@ mod tests {
     }
 
     #[test]
+    fn incremental_identity() {
+        use crate::identity::BaseRef;
+        let id = BackupIdentity {
+            uuid: [3; 16],
+            base: Some(BaseRef {
+                uuid: [4; 16],
+                time: 1_700_000_000,
+            }),
+        };
+        let some = &all_clusters()[1..3];
+        let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&id)).unwrap();
+        for c in some {
+            w.write_cluster(&c.as_cluster()).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        assert_eq!(&bytes[8..10], &[0, 2]);
+        let mut r = StreamReader::new(&bytes[..]).unwrap();
+        assert_eq!(r.identity(), Some(&id));
+        assert!(r.is_incremental());
+        let mut n = 0;
+        while r.next_cluster().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 2);
+        // A full version-2 stream still needs every cluster.
+        let full = BackupIdentity {
+            uuid: [3; 16],
+            base: None,
+        };
+        let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&full)).unwrap();
+        for c in some {
+            w.write_cluster(&c.as_cluster()).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        assert!(err_of(&bytes).contains("missing"), "{}", err_of(&bytes));
+        // A damaged kind byte (CRC fixed up) is named.
+        let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&id)).unwrap();
+        w.write_cluster(&some[0].as_cluster()).unwrap();
+        let mut bytes = w.finish().unwrap();
+        let pre = preamble_len() + IDENTITY_SIZE;
+        bytes[pre - IDENTITY_SIZE - 4 + 16] = 9;
+        let crc = crc32fast::hash(&bytes[..pre - 4]);
+        bytes[pre - 4..pre].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(err_of(&bytes), "header: unknown backup kind 9");
+    }
+
+    #[test]
     fn layout() {
         let bytes = stream_of(&[]);
         assert_eq!(&bytes[..8], b"VMACSTRM");
@@ -816,10 +917,10 @@ mod tests {
             "header: truncated: the input ends inside the preamble, after 10 bytes"
         );
         let mut bad = good.clone();
-        bad[9] = 2;
+        bad[9] = 3;
         assert_eq!(
             err_of(&bad),
-            "header: unsupported cluster stream version 2 (this reader knows 1)"
+            "header: unsupported cluster stream version 3 (this reader knows 1 and 2)"
         );
         let mut bad = good.clone();
         bad[11] = 1;
