@@ -414,6 +414,14 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
             .map(vma_format::identity::uuid_from_name))
         .or(reader.as_ref().and_then(|r| r.identity()).map(|i| i.uuid))
         .unwrap_or_else(|| uuid::Uuid::new_v4().into_bytes());
+    if let Some(id) = reader.as_ref().and_then(|r| r.identity()) {
+        if id.uuid != uuid {
+            eprintln!(
+                "vma-encode: warning: the archive's uuid is not the one the stream names ({}): it cannot be the base of the next incremental backup (give --uuid-from to cbw-tap backup instead)",
+                uuid::Uuid::from_bytes(id.uuid)
+            );
+        }
+    }
     let mut builder = HeaderBuilder::new(uuid, ctime);
     for arg in &args.configs {
         let (name, path) = split_config(arg.as_os_str());
