@@ -22,8 +22,8 @@ mkdir -p "$work"
 SIZE=${SIZE:-32M}
 LIMITS=${LIMITS:-512K 1M 8M}
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cbw-tap -p vma-encode
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 for t in qemu-io python3 numfmt; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done

@@ -46,12 +46,9 @@ LIVE_RUNS=${LIVE_RUNS:-3}
 SECTIONS=${SECTIONS:-throughput latency live}
 section() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-if [ -n "${BIN:-}" ]; then
-  bin=$BIN
-else
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cbw-tap -p vma-encode
-  bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
+if [ -n "${BIN:-}" ]; then VMA_BIN=$BIN; fi
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 for t in qemu-img qemu-nbd qemu-io python3 /usr/bin/time; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done

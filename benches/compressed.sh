@@ -23,8 +23,8 @@ mkdir -p "$work"
 shm=/dev/shm/vma-bench-z.$$
 trap 'rm -rf "$work"/out-* "$shm"' EXIT
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 for t in zstd pigz lzop python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 3; }; done
 
 # best of 3 wall-clock seconds of a shell command (its output discarded)

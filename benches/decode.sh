@@ -19,12 +19,8 @@ mkdir -p "$work"
 trap 'rm -rf "$work"/out-* "$work"/cp-*' EXIT
 
 # VMA_BIN=DIR: binaries to measure (default: built here, in CARGO_TARGET_DIR if set)
-if [ -n "${VMA_BIN:-}" ]; then
-  bin=$VMA_BIN
-else
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-  bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 [ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 3; }
 
 # best of 3 wall-clock seconds of a shell command (its output discarded)

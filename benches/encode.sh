@@ -20,9 +20,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 runs=${RUNS:-5}
 if [[ -z "${VMA_ENCODE:-}" ]]; then
-    (cd "$root" && cargo build --release -q -p vma-encode)
-    target=${CARGO_TARGET_DIR:-$root/target}
-    VMA_ENCODE=$target/release/vma-encode
+    . "$root/scripts/vma-bin.sh"
+    VMA_ENCODE=$VMA_BIN/vma-encode
 fi
 if [[ ! -x /usr/bin/time ]]; then
     echo "encode.sh: /usr/bin/time is missing (apt-get install time)" >&2

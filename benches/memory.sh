@@ -16,10 +16,10 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z "${VMA_BIN:-}" || -z "${HOSTILE:-}" ]]; then
-  (cd "$root" && cargo build --release -q -p vma-encode -p vma-verify -p vma-decode \
-     && cargo build --release -q -p vma-format --example hostile)
-  target=${CARGO_TARGET_DIR:-$root/target}
-  VMA_BIN=${VMA_BIN:-$target/release}
+  . "$root/scripts/vma-bin.sh"
+  cargo build --release --manifest-path "$root/Cargo.toml" -p vma-format --example hostile >&2
+  target=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   HOSTILE=${HOSTILE:-$target/release/examples/hostile}
 fi
 [ -x /usr/bin/time ] || { echo "memory.sh: needs /usr/bin/time (apt-get install time)" >&2; exit 3; }

@@ -17,10 +17,7 @@
 #        time another build (e.g. before a change) on the same archives.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "${VMA_BIN:-}" ]]; then
-  (cd "$root" && cargo build --release -q -p vma-encode -p vma-decode)
-  VMA_BIN=${CARGO_TARGET_DIR:-$root/target}/release
-fi
+. "$root/scripts/vma-bin.sh"
 if [[ $# -ge 1 ]]; then work=$1; mkdir -p "$work"; else work=$(mktemp -d /var/tmp/vma-salvage.XXXXXX); trap 'rm -rf "$work"' EXIT; fi
 uuid=00000000-0001-0200-0000-000300040000   # bytes 3 and 11 zero (see dense-adversarial)
 head -c 1048576 /dev/urandom > "$work/img.raw"

@@ -34,8 +34,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vma-encode -p vma-decode -p vma-verify
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+. "$root/scripts/vma-bin.sh"
+bin=$VMA_BIN
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }

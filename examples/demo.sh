@@ -4,16 +4,15 @@
 #
 #   examples/demo.sh [WORKDIR]
 #
-# Uses the release binaries (built on first use), or those in $VMA_BIN.
+# Uses the binaries in $VMA_BIN, else builds them (scripts/vma-bin.sh: release,
+# in cargo's target directory, CARGO_TARGET_DIR included). Without WORKDIR it
+# works in a temporary directory and removes it at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${VMA_BIN:-}" ]; then
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bins
-  VMA_BIN="$root/target/release"
-fi
-PATH="$VMA_BIN:$PATH"
-work=${1:-$(mktemp -d)}
+. "$root/scripts/vma-bin.sh"
+if [ -n "${1:-}" ]; then work=$1 temp_work=""; else work=$(mktemp -d) temp_work=$work; fi
 mkdir -p "$work"
+trap '[ -z "$temp_work" ] || rm -rf "$temp_work"' EXIT
 cd "$work"
 
 echo "== a 64 MiB guest disk: random data, zero blocks, holes"

@@ -7,17 +7,16 @@
 #
 #   examples/live-backup.sh [WORKDIR]
 #
-# Needs qemu-io (qemu-utils) and zstd. Uses the release binaries (built on
-# first use), or those in $VMA_BIN.
+# Needs qemu-io (qemu-utils), zstd and python3. Uses the binaries in $VMA_BIN,
+# else builds them (scripts/vma-bin.sh: release, in cargo's target directory,
+# CARGO_TARGET_DIR included). Without WORKDIR it works in a temporary
+# directory and removes it at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${VMA_BIN:-}" ]; then
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bins
-  VMA_BIN="$root/target/release"
-fi
-PATH="$VMA_BIN:$PATH"
-work=${1:-$(mktemp -d)}
+. "$root/scripts/vma-bin.sh"
+if [ -n "${1:-}" ]; then work=$1 temp_work=""; else work=$(mktemp -d) temp_work=$work; fi
 mkdir -p "$work"
+trap '[ -z "$temp_work" ] || rm -rf "$temp_work"' EXIT
 cd "$work"
 rm -rf restored instant vm.vma.zst nbd.sock nbd.sock.ctl
 
@@ -32,7 +31,7 @@ printf 'name: live\nmemory: 1024\nscsi0: local:vm-100-disk-0,size=48M\nscsi1: lo
 echo "== serve them over NBD"
 cbw-tap serve --socket "$work/nbd.sock" drive-scsi0=scsi0.raw drive-scsi1=scsi1.raw &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; [ -z "$temp_work" ] || rm -rf "$temp_work"' EXIT
 for _ in $(seq 500); do [ -S nbd.sock ] && [ -S nbd.sock.ctl ] && break; sleep 0.02; done
 uri() { echo "nbd+unix:///$1?socket=$work/nbd.sock"; }
 qemu-io -f raw "$(uri drive-scsi0)" -c 'write -P 0x11 0 1M' > /dev/null

@@ -7,16 +7,14 @@
 #
 #   examples/serve.sh [WORKDIR]
 #
-# Uses the release binaries (built on first use), or those in $VMA_BIN.
+# Uses the binaries in $VMA_BIN, else builds them (scripts/vma-bin.sh: release,
+# in cargo's target directory, CARGO_TARGET_DIR included). Without WORKDIR it
+# works in a temporary directory and removes it at the end.
 # Needs qemu-utils, libnbd-bin (nbdfuse), e2fsprogs (mkfs.ext4, debugfs), zstd.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${VMA_BIN:-}" ]; then
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bins
-  VMA_BIN="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-PATH="$VMA_BIN:$PATH"
-work=${1:-$(mktemp -d)}
+. "$root/scripts/vma-bin.sh"
+if [ -n "${1:-}" ]; then work=$1 temp_work=""; else work=$(mktemp -d) temp_work=$work; fi
 mkdir -p "$work"
 cd "$work"
 work=$(pwd)
@@ -26,6 +24,7 @@ mounted=""
 cleanup() {
   if [ -n "$mounted" ]; then fusermount3 -u "$mounted" 2>/dev/null || umount "$mounted" 2>/dev/null || true; fi
   if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  [ -z "$temp_work" ] || rm -rf "$temp_work"
 }
 trap cleanup EXIT
 

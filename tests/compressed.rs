@@ -199,7 +199,7 @@ fn cut_and_corrupt_compressed_archives_fail_cleanly() {
                 } else {
                     file.display().to_string()
                 };
-                let prefix = format!("{shown}: {name}: compressed data is {what} (");
+                let prefix = format!("vma-verify: {shown}: {name}: compressed data is {what} (");
                 let o = run("vma-verify", &["@"], file, stdin);
                 let err = String::from_utf8_lossy(&o.stderr).into_owned();
                 assert_eq!(o.status.code(), Some(1), "verify {}: {err}", file.display());
@@ -218,6 +218,7 @@ fn cut_and_corrupt_compressed_archives_fail_cleanly() {
                     stdin,
                 );
                 let err = String::from_utf8_lossy(&o.stderr).into_owned();
+                let prefix = prefix.replacen("vma-verify: ", "vma-decode: ", 1);
                 assert_eq!(
                     o.status.code(),
                     Some(1),

@@ -202,7 +202,7 @@ fn truncated_real_backup() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o),
-        format!("{frag_s}: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n")
+        format!("vma-decode: {frag_s}: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n")
     );
     assert_eq!(
         fs::read_dir(&out).unwrap().count(),
@@ -220,8 +220,8 @@ fn truncated_real_backup() {
     assert_eq!(
         stderr(&o),
         format!(
-            "<stdin>: drive-scsi0: 163724 of 163840 clusters missing: 23-31, 55-63, 104-111, 120-127, 136-143, 151-159, 167-163839\n\
-             <stdin>: partial extract: missing clusters are zero; full list in {}/salvage-report.txt\n",
+            "vma-decode: <stdin>: drive-scsi0: 163724 of 163840 clusters missing: 23-31, 55-63, 104-111, 120-127, 136-143, 151-159, 167-163839\n\
+             vma-decode: <stdin>: partial extract: missing clusters are zero; full list in {}/salvage-report.txt\n",
             out.display()
         )
     );
@@ -316,7 +316,10 @@ fn hostile_names_are_refused() {
         let out = tmp.path().join("deep/out");
         let o = decode(&["extract", a.to_str().unwrap(), out.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(1), "{why}");
-        assert_eq!(stderr(&o), format!("{}: header: {why}\n", a.display()));
+        assert_eq!(
+            stderr(&o),
+            format!("vma-decode: {}: header: {why}\n", a.display())
+        );
         assert!(
             !out.exists() && !tmp.path().join("evil.sh").exists() && !tmp.path().join("x").exists()
         );
@@ -345,7 +348,7 @@ fn output_directory_rules_and_device_selection() {
     assert_eq!(
         stderr(&o),
         format!(
-            "{}: directory exists and is not empty (use --force to write into it)\n",
+            "vma-decode: {}: directory exists and is not empty (use --force to write into it)\n",
             out.display()
         )
     );
@@ -372,14 +375,14 @@ fn output_directory_rules_and_device_selection() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(
         stderr(&o),
-        format!("{a_s}: no device named \"drive-nope\" in the archive\n")
+        format!("vma-decode: {a_s}: no device named \"drive-nope\" in the archive\n")
     );
 
     let o = decode(&["config", a_s, "-c", "missing.conf"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o),
-        format!("{a_s}: no config named \"missing.conf\"\n")
+        format!("vma-decode: {a_s}: no config named \"missing.conf\"\n")
     );
 
     let o = decode(&["list", tmp.path().join("nope.vma").to_str().unwrap()]);
@@ -387,7 +390,7 @@ fn output_directory_rules_and_device_selection() {
     assert_eq!(
         stderr(&o),
         format!(
-            "{}: No such file or directory (os error 2)\n",
+            "vma-decode: {}: No such file or directory (os error 2)\n",
             tmp.path().join("nope.vma").display()
         )
     );
@@ -466,7 +469,7 @@ fn empty_archives() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o),
-        "<stdin>: drive-scsi0: cluster 0 missing (1 of 1 clusters missing)\n"
+        "vma-decode: <stdin>: drive-scsi0: cluster 0 missing (1 of 1 clusters missing)\n"
     );
     assert_eq!(fs::read_dir(tmp.path().join("o3")).unwrap().count(), 0);
 }
@@ -486,7 +489,7 @@ fn damaged_data_leaves_no_image() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o),
-        "<stdin>: extent 0 at byte 12800: data checksum mismatch\n"
+        "vma-decode: <stdin>: extent 0 at byte 12800: data checksum mismatch\n"
     );
     assert_eq!(fs::read_dir(&out).unwrap().count(), 0);
     // Salvage drops the extent it cannot trust: everything is missing.
@@ -501,6 +504,6 @@ fn damaged_data_leaves_no_image() {
     );
     assert_eq!(o.status.code(), Some(4));
     assert!(stderr(&o).starts_with(
-        "<stdin>: skipped: extent 0 at byte 12800: data checksum mismatch\n<stdin>: drive-scsi0: 4 of 4 clusters missing: 0-3\n"
+        "vma-decode: <stdin>: skipped: extent 0 at byte 12800: data checksum mismatch\nvma-decode: <stdin>: drive-scsi0: 4 of 4 clusters missing: 0-3\n"
     ));
 }

@@ -601,7 +601,7 @@ fn a_flipped_data_byte_fails_verification() {
     assert_eq!(
         stderr(&o),
         format!(
-            "{}: extent 0 at byte {}: data checksum mismatch\n",
+            "vma-verify: {}: extent 0 at byte {}: data checksum mismatch\n",
             bad_path.display(),
             header.header_size()
         )
@@ -803,7 +803,7 @@ fn output_errors_stop_with_a_message() {
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(
         stderr(&o),
-        "vma-encode: <stdout>: write failed: No space left on device (os error 28)\n"
+        "vma-encode: stdout: write failed: No space left on device (os error 28)\n"
     );
     // The reader goes away: EPIPE, not a crash.
     let mut child = Command::new(bin("vma-encode"))
@@ -826,7 +826,7 @@ fn output_errors_stop_with_a_message() {
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(
         stderr(&o),
-        "vma-encode: <stdout>: write failed: Broken pipe (os error 32)\n"
+        "vma-encode: stdout: write failed: Broken pipe (os error 32)\n"
     );
     // -o into a directory that does not exist.
     let o = encode(src.path(), &["-o", "nodir/a.vma", "r.raw"]);

@@ -88,7 +88,10 @@ fn symlinks_under_temporary_names_are_never_followed() {
         assert_eq!(o.status.code(), Some(3), "{link}: {}", stderr(&o));
         assert_eq!(
             stderr(&o),
-            format!("{}: File exists (os error 17)\n", out.join(link).display())
+            format!(
+                "vma-decode: {}: File exists (os error 17)\n",
+                out.join(link).display()
+            )
         );
         assert_eq!(
             fs::read(&victim).unwrap(),
@@ -164,7 +167,7 @@ fn nothing_gets_a_final_name_unless_everything_is_written() {
     assert_eq!(
         stderr(&o),
         format!(
-            "{}: is a directory\n",
+            "vma-decode: {}: is a directory\n",
             out.join("pve-firewall.fw").display()
         )
     );
@@ -212,7 +215,7 @@ fn device_names_up_to_the_longest_file_name_extract() {
     assert_eq!(
         stderr(&o),
         format!(
-            "{}: header: device 1: output file name \"disk-{name}.raw\" is longer than 255 bytes\n",
+            "vma-decode: {}: header: device 1: output file name \"disk-{name}.raw\" is longer than 255 bytes\n",
             a.display()
         )
     );
@@ -232,7 +235,7 @@ fn dash_is_not_an_output_directory() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(
         stderr(&o),
-        "-: not an output directory (extract writes files into a directory; \
+        "vma-decode: -: not an output directory (extract writes files into a directory; \
          to write one disk to standard output use --stdout DEVNAME)\n"
     );
     assert!(!tmp.path().join("-").exists());

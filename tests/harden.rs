@@ -268,7 +268,9 @@ fn broken_pipes_end_informational_output_quietly_and_fail_data_output() {
     cmd.args(["-v", s(&archive), s(&bad)]);
     let out = with_closed_stdout(cmd);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).starts_with(&format!("{}: extent 0 at byte", bad.display())));
+    assert!(
+        text(&out.stderr).starts_with(&format!("vma-verify: {}: extent 0 at byte", bad.display()))
+    );
     // Help.
     let mut cmd = Command::new(bin("vma-decode"));
     cmd.arg("--help");
@@ -280,7 +282,7 @@ fn broken_pipes_end_informational_output_quietly_and_fail_data_output() {
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(
         text(&out.stderr),
-        "vma-encode: <stdout>: write failed: Broken pipe (os error 32)\n"
+        "vma-encode: stdout: write failed: Broken pipe (os error 32)\n"
     );
 }
 

@@ -56,7 +56,7 @@ fn sparse_claims_in_tiny_archives_are_verified_in_bounded_memory() {
         assert_eq!(
             stderr(&out),
             format!(
-                "{}: drive-scsi0: cluster 1 missing (4294950912 of 4294967296 clusters missing)\n",
+                "vma-verify: {}: drive-scsi0: cluster 1 missing (4294950912 of 4294967296 clusters missing)\n",
                 path.display()
             )
         );
@@ -114,7 +114,7 @@ fn the_densest_hostile_archive_is_verified_in_bounded_memory() {
     assert_eq!(
         stderr(&out),
         format!(
-            "{}: drive-scsi0: cluster 1 missing (4294966388 of 4294967296 clusters missing)\n",
+            "vma-verify: {}: drive-scsi0: cluster 1 missing (4294966388 of 4294967296 clusters missing)\n",
             path.display()
         )
     );

@@ -97,7 +97,7 @@ fn a_broken_stream_in_the_middle_of_a_pipeline_fails_it() {
         String::from_utf8_lossy(&o.stderr),
         "vma-encode: warning: no config named qemu-server.conf in the archive: \
          Proxmox's qmrestore will not restore it (add -c qemu-server.conf=PATH)\n\
-         <stdin>: extent 0 at byte 12800: truncated: got 486688 of 1048576 data bytes\n"
+         vma-decode: <stdin>: extent 0 at byte 12800: truncated: got 486688 of 1048576 data bytes\n"
     );
     assert_eq!(fs::read_dir(dir.join("out")).unwrap().count(), 0);
 }

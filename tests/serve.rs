@@ -867,7 +867,7 @@ fn refusals() {
         );
         assert_eq!(
             String::from_utf8_lossy(&out.stderr),
-            format!("{msg}\n"),
+            format!("vma-decode: {msg}\n"),
             "{args:?}"
         );
         assert!(out.stdout.is_empty());
@@ -916,7 +916,7 @@ fn refusals() {
     let err = String::from_utf8_lossy(&out.stderr);
     let clusters = (200u64 << 40) / CLUSTER_SIZE as u64;
     let need = header_size + (200u64 << 40) + clusters.div_ceil(58) * 512;
-    let want_prefix = format!("{cache}: ");
+    let want_prefix = format!("vma-decode: {cache}: ");
     let want_rest = format!(
         " bytes free, but {hz} may need up to {need} bytes there (its devices' size): refusing to start \
          (--no-space-check starts anyway; a full disk then stops it)\n"

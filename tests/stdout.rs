@@ -159,7 +159,7 @@ fn out_of_order_clusters_come_out_in_order_from_memory_and_from_the_spill_file()
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
         format!(
-            "{}: output failed: cannot create the reorder spill file in {}: No such file or directory (os error 2)\n",
+            "vma-decode: {}: output failed: cannot create the reorder spill file in {}: No such file or directory (os error 2)\n",
             arch.display(),
             nowhere.display()
         )
@@ -202,7 +202,7 @@ fn a_consumer_that_stops_reading_is_exit_3_with_one_line() {
     assert_eq!(status.code(), Some(3), "{err}");
     assert_eq!(
         err,
-        "stdout: broken pipe: the reader of drive-virtio1's image stopped reading\n"
+        "vma-decode: stdout: broken pipe: the reader of drive-virtio1's image stopped reading\n"
     );
 }
 
@@ -215,7 +215,7 @@ fn refusals() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        format!("{a}: no device named \"drive-nope\" in the archive\n")
+        format!("vma-decode: {a}: no device named \"drive-nope\" in the archive\n")
     );
     let out = tmp.path().join("d");
     let o = decode(

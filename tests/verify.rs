@@ -234,8 +234,8 @@ fn json_reports_one_object_per_line() {
             m = m
         ),
         &format!(
-            "{b}: extent 1 at byte 903168: header checksum mismatch\n\
-             {m}: cannot open: No such file or directory (os error 2)\n"
+            "vma-verify: {b}: extent 1 at byte 903168: header checksum mismatch\n\
+             vma-verify: {m}: cannot open: No such file or directory (os error 2)\n"
         ),
     );
 }
@@ -260,7 +260,7 @@ fn the_truncated_real_backup_fails_naming_device_and_cluster() {
         1,
         "",
         &format!(
-            "{}: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n",
+            "vma-verify: {}: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n",
             path.display()
         ),
     );
@@ -268,7 +268,7 @@ fn the_truncated_real_backup_fails_naming_device_and_cluster() {
         &verify_stdin(&["-q", "-"], &fragment()),
         1,
         "",
-        "<stdin>: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n",
+        "vma-verify: <stdin>: drive-scsi0: cluster 23 missing (163724 of 163840 clusters missing)\n",
     );
 }
 
@@ -330,7 +330,7 @@ fn damaged_copies_of_a_proxmox_archive() {
             &verify(&[path_str(path)]),
             1,
             "",
-            &format!("{}: {message}\n", path.display()),
+            &format!("vma-verify: {}: {message}\n", path.display()),
         );
     }
 
@@ -345,7 +345,7 @@ fn damaged_copies_of_a_proxmox_archive() {
     );
     let errors: String = cases
         .iter()
-        .map(|(p, m)| format!("{}: {m}\n", p.display()))
+        .map(|(p, m)| format!("vma-verify: {}: {m}\n", p.display()))
         .collect();
     assert_output(&verify(&args), 1, &format!("{ok}{ok}"), &errors);
 }
@@ -405,7 +405,7 @@ fn data_checksums_verified_and_caught() {
         1,
         "",
         &format!(
-            "{}: extent 0 at byte {header_size}: data checksum mismatch\n",
+            "vma-verify: {}: extent 0 at byte {header_size}: data checksum mismatch\n",
             bad.display()
         ),
     );
@@ -439,7 +439,7 @@ fn usage_and_io_errors() {
         3,
         "",
         &format!(
-            "{}: cannot open: is a directory\n{}: cannot open: No such file or directory (os error 2)\n",
+            "vma-verify: {}: cannot open: is a directory\nvma-verify: {}: cannot open: No such file or directory (os error 2)\n",
             dir.path().display(),
             missing.display()
         ),
@@ -449,13 +449,13 @@ fn usage_and_io_errors() {
         &verify_stdin(&["-"], b"hello"),
         1,
         "",
-        "<stdin>: header: not a VMA archive (wrong magic number)\n",
+        "vma-verify: <stdin>: header: not a VMA archive (wrong magic number)\n",
     );
     assert_output(
         &verify_stdin(&["-"], b""),
         1,
         "",
-        "<stdin>: header: not a VMA archive: the input is empty\n",
+        "vma-verify: <stdin>: header: not a VMA archive: the input is empty\n",
     );
 }
 

@@ -14,6 +14,7 @@
 //! ([`queue`]) towards the stream writer. Its module documentation lists the
 //! locks and why the result is exactly the disks' content at the instant.
 
+pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod lock;

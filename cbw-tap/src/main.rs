@@ -1,120 +1,18 @@
 //! `cbw-tap`: flags in, server or backup out. The work is in the library.
 
 use std::io::{self, IsTerminal};
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use serde_json::json;
 
+use cbw_tap::cli::{Args, Cmd, PolicyArg, WatchedOutput};
 use cbw_tap::control::BackupClient;
-use cbw_tap::serve::{default_control, parse_export, ServeConfig, Tap};
+use cbw_tap::serve::{default_control, ServeConfig, Tap};
 use cbw_tap::{BackupOptions, Policy};
 use vma_cli::exit;
 use vma_cli::signals::TermSignals;
-
-/// Live point-in-time backups of disks in use: serves images over NBD with
-/// copy-before-write, and streams backups of all of them taken at one
-/// instant as a cluster stream for `vma-encode -`.
-#[derive(Parser)]
-#[command(name = "cbw-tap", version, after_help = vma_cli::EXIT_CODES_HELP)]
-struct Args {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Serve images as NBD exports until SIGINT/SIGTERM/SIGHUP.
-    ///
-    /// Clients: qemu-io -f raw 'nbd+unix:///NAME?socket=PATH', QEMU's
-    /// -blockdev driver=nbd,server.type=unix,server.path=PATH,export=NAME,
-    /// nbdinfo, nbdcopy.
-    Serve {
-        /// NBD Unix socket to create (mode 0600).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Control socket for `cbw-tap backup` (mode 0600) [default: PATH.ctl].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809
-        /// (no TLS, no authentication).
-        #[arg(long, value_name = "ADDR:PORT")]
-        tcp: Option<SocketAddr>,
-        /// Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD
-        /// as raw disks all the same (a guest may write such bytes to its
-        /// own disk's first sector; without this the next serve refuses it).
-        #[arg(long)]
-        assume_raw: bool,
-        /// Keep the changed-cluster tracking across restarts: saved to
-        /// DIR/cbw-tap.state on a clean shutdown, read (and removed) at
-        /// start. Without it, or after an unclean stop, the next
-        /// `backup --incremental` is full.
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        /// Exports: NAME=IMAGE (raw image file or block device), in device
-        /// order.
-        #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
-        exports: Vec<(String, PathBuf)>,
-    },
-    /// Back up every export of a running server, at one instant, as a
-    /// cluster stream on stdout (e.g. `| vma-encode - > vm.vma`).
-    ///
-    /// Exits 0 only if the stream was finished cleanly; otherwise the stream
-    /// ends with an abort record (if it could still be written) or is cut
-    /// short, and vma-encode fails too.
-    Backup {
-        /// The server's control socket.
-        #[arg(long, value_name = "PATH")]
-        control: PathBuf,
-        /// Captured clusters that may wait for the consumer, e.g. 64M.
-        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = cbw_tap::size::parse_size)]
-        buffer: usize,
-        /// Limit the background reader to SIZE bytes per second, e.g. 200M
-        /// (copy-before-write is never limited).
-        #[arg(long, value_name = "SIZE", value_parser = cbw_tap::size::parse_size)]
-        bwlimit: Option<usize>,
-        /// Fleecing: when the buffer is full, copy-before-write puts old
-        /// clusters into FILE (created, mode 0600, removed at the end; must
-        /// not exist) instead of making the guest wait.
-        #[arg(long, value_name = "FILE")]
-        fleecing: Option<PathBuf>,
-        /// How long a guest write may wait for its copy when the buffer is
-        /// full; also how long the consumer may stall.
-        #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
-        cbw_timeout: f64,
-        /// What to do when a copy before a guest write fails or times out.
-        #[arg(long, value_enum, default_value_t = PolicyArg::BreakSnapshot)]
-        on_cbw_error: PolicyArg,
-        /// Shell command run before the instant (e.g. freeze file systems).
-        #[arg(long, value_name = "CMD")]
-        pre: Option<String>,
-        /// Shell command run right after the instant (e.g. thaw).
-        #[arg(long, value_name = "CMD")]
-        post: Option<String>,
-        /// Print the final status and counters as one JSON object on stderr.
-        #[arg(long)]
-        json: bool,
-        /// Only the clusters written since the last completed backup (full
-        /// if there is none); `vma-encode --base LAST.vma -` completes it.
-        #[arg(long)]
-        incremental: bool,
-        /// Archive uuid derived from NAME (the same for every backup made
-        /// with it), instead of a random one; give vma-encode no --uuid.
-        #[arg(long, value_name = "NAME")]
-        uuid_from: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PolicyArg {
-    /// Abort the backup, let the guest write through.
-    BreakSnapshot,
-    /// Fail the guest write with EIO, keep the backup.
-    BreakGuestWrite,
-}
 
 fn main() {
     let args = Args::parse();
@@ -144,6 +42,7 @@ fn main() {
             pre,
             post,
             json,
+            verbose,
             incremental,
             uuid_from,
         } => {
@@ -184,7 +83,7 @@ fn main() {
                 pre,
                 post,
             };
-            backup(&client, json)
+            backup(&client, json, verbose)
         }
     };
     std::process::exit(code);
@@ -206,19 +105,51 @@ fn serve(cfg: ServeConfig) -> i32 {
         cfg.control.display()
     );
     let sig = signals.wait();
-    eprintln!("cbw-tap serve: signal {sig}, shutting down");
+    eprintln!(
+        "cbw-tap serve: {}, shutting down",
+        vma_cli::signals::signal_name(sig)
+    );
     tap.shutdown();
     exit::OK
 }
 
-fn backup(client: &BackupClient, json: bool) -> i32 {
+fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
     let stdout = io::stdout();
     if stdout.is_terminal() {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
         return exit::USAGE;
     }
-    // The server writes the stream into our stdout itself.
-    let result = client.run(stdout.as_fd());
+    // The server writes the stream into our stdout itself; to show
+    // progress (a bar on a terminal, or -v's lines) the stream passes
+    // through a pipe and a thread of ours that watches it instead.
+    let bar = vma_cli::bar::wanted(verbose);
+    if !bar && !verbose {
+        return outcome(client.run(stdout.as_fd()), json);
+    }
+    let out = match stdout.as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("cbw-tap backup: stdout: {e}");
+            return exit::IO;
+        }
+    };
+    let watched = match WatchedOutput::start(out, bar, verbose) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("cbw-tap backup: stdout: cannot watch the stream: {e}");
+            return exit::IO;
+        }
+    };
+    let result = client.run(watched.input());
+    watched.finish();
+    outcome(result, json)
+}
+
+/// Prints the outcome of a backup and returns the exit code.
+fn outcome(
+    result: Result<cbw_tap::stats::Stats, cbw_tap::control::BackupFailure>,
+    json: bool,
+) -> i32 {
     let (code, error, stats) = match result {
         Ok(stats) => (exit::OK, None, Some(stats)),
         Err(f) => (f.failure.code, Some(f.failure.message), f.stats.map(|s| *s)),

@@ -269,7 +269,7 @@ fn log_outcome(o: &Outcome) {
     match &o.result {
         Ok(()) => eprintln!(
             "cbw-tap serve: backup of {} finished: {} clusters ({} by copy-before-write), {} bytes emitted, {} guest writes delayed (longest {:.3} ms), {:.3} s",
-            o.time,
+            vma_cli::listing::iso_time(o.time),
             s.clusters_emitted,
             s.cbw_clusters,
             s.bytes_emitted,
@@ -277,7 +277,10 @@ fn log_outcome(o: &Outcome) {
             s.longest_delay.as_secs_f64() * 1000.0,
             s.elapsed.as_secs_f64()
         ),
-        Err(reason) => eprintln!("cbw-tap serve: backup of {} aborted: {reason}", o.time),
+        Err(reason) => eprintln!(
+            "cbw-tap serve: backup of {} aborted: {reason}",
+            vma_cli::listing::iso_time(o.time)
+        ),
     }
 }
 

@@ -228,8 +228,8 @@ fn first_write_to_an_uncopied_cluster_costs_one_read_and_one_cluster() {
             .unwrap_err()
             .to_string(),
         format!(
-            "a backup is already running (started at {}, unix time)",
-            again.time()
+            "a backup is already running (started at {})",
+            vma_cli::listing::iso_time(again.time())
         )
     );
     again.abort("test over");

@@ -11,6 +11,9 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 
+use indicatif::ProgressBar;
+
+use crate::bar::{set_total, BarReader};
 use crate::decompress::{Compression, Decompressed, MAGIC_LEN};
 
 /// An opened input and the name to use for it in messages.
@@ -26,8 +29,21 @@ impl Input {
     /// on a thread of its own; large reads of a plain one go straight to the
     /// file or pipe (the archive reader does its own buffering).
     pub fn open(path: &str) -> io::Result<Input> {
+        Input::open_with_bar(path, None)
+    }
+
+    /// [`Input::open`], advancing `bar` (if any) by the bytes read from the
+    /// file or pipe itself (for a compressed archive, its compressed bytes),
+    /// with the file's size as the bar's total where it has one.
+    pub fn open_with_bar(path: &str, bar: Option<&ProgressBar>) -> io::Result<Input> {
+        let counted = |r: Box<dyn Read + Send>| -> Box<dyn Read + Send> {
+            match bar {
+                Some(b) => Box::new(BarReader::new(r, b.clone())),
+                None => r,
+            }
+        };
         if path == "-" {
-            return Input::from_reader("<stdin>", Box::new(io::stdin()));
+            return Input::from_reader("<stdin>", counted(Box::new(io::stdin())));
         }
         let file = File::open(path)?;
         let meta = file.metadata()?;
@@ -38,24 +54,25 @@ impl Input {
             ));
         }
         if meta.is_file() {
-            // Peek without moving the file position: a plain archive is
-            // then read from its first byte with nothing in between.
+            if let Some(b) = bar {
+                set_total(b, Some(meta.len()));
+            }
             let mut prefix = [0u8; MAGIC_LEN];
             let got = pread_up_to(&file, &mut prefix)?;
             return Ok(match Compression::detect(&prefix[..got]) {
                 None => Input {
                     name: path.to_string(),
                     compression: None,
-                    reader: Box::new(file),
+                    reader: counted(Box::new(file)),
                 },
                 Some(c) => Input {
                     name: path.to_string(),
                     compression: Some(c),
-                    reader: Box::new(Decompressed::start(c, Vec::new(), Box::new(file))?),
+                    reader: Box::new(Decompressed::start(c, Vec::new(), counted(Box::new(file)))?),
                 },
             });
         }
-        Input::from_reader(path, Box::new(file))
+        Input::from_reader(path, counted(Box::new(file)))
     }
 
     /// Reads `raw` (a pipe, a device, any stream), named `name`, decoding

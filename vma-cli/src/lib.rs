@@ -16,6 +16,7 @@
 //! output with 3 ([`pipe`]). Images in formats such as qcow2 are refused
 //! where raw disks are expected ([`image_format`]).
 
+pub mod bar;
 pub mod cfmt;
 pub mod decompress;
 pub mod image_format;
@@ -40,6 +41,20 @@ pub mod exit {
     pub const IO: i32 = 3;
     /// Partial result (salvage).
     pub const PARTIAL: i32 = 4;
+}
+
+/// The git revision this build was made from (short hash), or "" outside a
+/// git checkout (see build.rs).
+pub const GIT_REV: &str = env!("VMA_TOOLS_GIT_REV");
+
+/// The `--version` text of a tool of version `pkg_version`:
+/// `0.1.0 (git 0123456789ab)`, or just `0.1.0` when the revision is unknown.
+pub fn version(pkg_version: &'static str) -> &'static str {
+    if GIT_REV.is_empty() {
+        return pkg_version;
+    }
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| format!("{pkg_version} (git {GIT_REV})"))
 }
 
 /// The exit-code table, for `--help` texts.

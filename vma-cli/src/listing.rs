@@ -57,6 +57,17 @@ pub fn ctime(secs: i64) -> String {
     }
 }
 
+/// `secs` since the epoch as local ISO-8601 with its UTC offset, to the
+/// second: `2026-12-02T15:04:05+01:00` (`Z` is never used: the offset is
+/// always written). A time outside what the calendar handles prints as the
+/// number.
+pub fn iso_time(secs: i64) -> String {
+    match Local.timestamp_opt(secs, 0).single() {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        None => format!("{secs} (seconds since the epoch)"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,10 @@
 
 pub mod archive_export;
 pub mod cache;
+pub mod cli;
 pub mod extract;
 pub mod index;
+pub mod json;
 pub mod outdir;
 pub mod proxmox;
 pub mod restore_map;

@@ -3,132 +3,17 @@
 //! see `vma_decode::proxmox`.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use std::sync::{mpsc, Arc, Mutex};
 use vma_cli::input::Input;
 use vma_cli::signals::{signal_name, TermSignals};
-use vma_cli::{exit, listing, Failure, EXIT_CODES_HELP};
+use vma_cli::{exit, listing, Failure};
+use vma_decode::cli::{Cli, Command};
 use vma_decode::extract::{extract, missing_line, ExtractOptions, SALVAGE_REPORT};
 use vma_decode::serve::{self, ServeOptions, LOG};
-use vma_decode::stdout::{extract_to_stdout, DEFAULT_REORDER_BUFFER};
+use vma_decode::stdout::extract_to_stdout;
 use vma_format::{Archive, ReadOptions};
-
-const EXTRACT_HELP: &str = "\
-Into DIR: DIR/disk-<name>.raw per device (sparse, the size the header records), \
-DIR/vmstate.bin for RAM state, and the config files, all written under tmp- names \
-and renamed only when everything is complete; a failed extract leaves nothing that \
-looks complete. Files are created inside DIR only (never through a symlink there).
-
-With -r MAPFILE (as Proxmox's qmrestore runs `vma extract -v -r FIFO - DIR`): the \
-configs are written into DIR, the CFG:/DEV:/CTIME: lines printed, then MAPFILE is \
-read up to a line `done`: one line per device, \
-`[throttling.bps=N:][throttling.group=G:][cache=C:][format=raw:]{0|1}:DEVNAME=PATH` \
-(0: the target reads as zeros already, 1: write zeros) or `skip=DEVNAME`. Targets \
-(files or block devices at least the device's size) are written in place. Map \
-problems are exit 2, before anything is written.
-
-With --stdout DEVNAME: that device as a raw image on standard output, in order. \
-Clusters the archive holds out of order wait in a reorder buffer (--reorder-buffer, \
-default 64 MiB), beyond it in an unnamed temporary file in $TMPDIR. A consumer that \
-stops reading (EPIPE) is exit 3.
-
-Archives may be compressed (zstd, gzip/pigz, lzop: detected by their magic bytes). ";
-
-const SERVE_HELP: &str = "\
-Every device of ARCHIVE becomes a read-only NBD export named after it, read straight \
-from the archive: nothing is extracted. Clients:
-  qemu-img convert -f raw -O qcow2 'nbd+unix:///drive-scsi0?socket=PATH' vm.qcow2
-  nbdfuse DIR --unix PATH   (then DIR/nbd is the disk, for losetup/mount)
-  qemu-nbd -c /dev/nbd0 'nbd+unix:///drive-scsi0?socket=PATH'   (where the host has nbd devices)
-Once listening, prints one URI per export on stdout; logs on stderr. Runs until \
-SIGINT, SIGTERM or SIGHUP, then removes the socket and exits 0.
-
-A plain archive file is indexed by reading only its extent headers (with every check \
-`vma-verify` makes but those of the data); --save-index keeps the index beside it as \
-ARCHIVE.vmaidx, used by later runs while the archive's uuid, size and modification \
-time are unchanged (a stale or damaged index is refused with a warning and the \
-archive indexed again). A compressed archive, or one on a pipe (`-`), is decompressed \
-once into an unnamed file in --cache DIR, which must have room for the archive's \
-devices (--no-space-check: start anyway). Reads of data whose extent fails its data \
-checksum (archives written by vma-encode carry one) fail with EIO and are logged; \
-writes fail with EPERM. ";
-
-#[derive(Parser)]
-#[command(name = "vma-decode", version, about = "Lists and extracts Proxmox VMA archives", after_help = EXIT_CODES_HELP)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve every device read-only over NBD, straight from the archive (no extract).
-    #[command(after_help = format!("{SERVE_HELP}{EXIT_CODES_HELP}"))]
-    Serve {
-        /// The archive (plain or compressed), or `-` for standard input.
-        archive: String,
-        /// NBD Unix socket to create (mode 0600).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Also serve over TCP on this address, e.g. 127.0.0.1:10809 (no TLS, no authentication).
-        #[arg(long, value_name = "ADDR:PORT")]
-        tcp: Option<std::net::SocketAddr>,
-        /// Directory to decompress a compressed archive (or copy one from a pipe) into.
-        #[arg(long, value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Save the index beside a plain archive, as ARCHIVE.vmaidx.
-        #[arg(long)]
-        save_index: bool,
-        /// Start even if --cache DIR has less room than the archive's devices need.
-        #[arg(long, requires = "cache")]
-        no_space_check: bool,
-    },
-    /// Print the configs, devices and creation time, exactly as Proxmox's `vma list`.
-    List {
-        /// The archive (plain or compressed), or `-` for standard input.
-        archive: String,
-    },
-    /// Print one config file, like `vma config`.
-    Config {
-        /// The archive (plain or compressed), or `-` for standard input.
-        archive: String,
-        /// The config's name.
-        #[arg(short = 'c', long = "config", default_value = "qemu-server.conf")]
-        name: String,
-    },
-    /// Write each device as DIR/disk-<name>.raw (sparse), vmstate as DIR/vmstate.bin, and the config files;
-    /// or restore onto the targets of a map (-r); or one disk to stdout (--stdout).
-    #[command(after_help = format!("{EXTRACT_HELP}{EXIT_CODES_HELP}"))]
-    Extract {
-        /// The archive (plain or compressed), or `-` for standard input.
-        archive: String,
-        /// Output directory: created if missing; refused if not empty unless --force. Not with --stdout.
-        dir: Option<PathBuf>,
-        /// Only these devices (comma-separated names, e.g. drive-scsi0,drive-virtio1).
-        #[arg(short = 'd', long = "devices", value_delimiter = ',')]
-        devices: Option<Vec<String>>,
-        /// Restore onto the targets named in MAPFILE (usually a FIFO), as Proxmox's qmrestore does.
-        #[arg(short = 'r', long = "map", value_name = "MAPFILE", conflicts_with_all = ["salvage", "stdout"])]
-        map: Option<PathBuf>,
-        /// Write device DEVNAME as a raw image to standard output, in order.
-        #[arg(long, value_name = "DEVNAME", conflicts_with_all = ["devices", "verbose", "salvage", "force"])]
-        stdout: Option<String>,
-        /// With --stdout: bytes of out-of-order clusters kept in memory before spilling to $TMPDIR.
-        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REORDER_BUFFER, requires = "stdout")]
-        reorder_buffer: usize,
-        /// Print Proxmox-style progress and statistics.
-        #[arg(short = 'v', long)]
-        verbose: bool,
-        /// Recover what a damaged or truncated archive still holds; exit 4 if anything is missing.
-        #[arg(long)]
-        salvage: bool,
-        /// Write into an existing non-empty directory (replacing files of the same names).
-        #[arg(long)]
-        force: bool,
-    },
-}
 
 fn main() {
     let mut args = std::env::args_os();
@@ -158,18 +43,40 @@ fn main() {
             no_space_check,
         };
         if let Err(f) = serve(&archive, &opts) {
-            f.exit();
+            fail(&f);
         }
         return;
     }
     if matches!(cli.command, Command::Extract { .. }) {
         // Partial images and configs are removed on SIGINT/SIGTERM/SIGHUP.
         if let Err(e) = vma_cli::signals::install("vma-decode") {
-            Failure::io("signal handling", &e).exit();
+            fail(&Failure::io("signal handling", &e));
         }
     }
-    if let Err(f) = run(cli) {
-        f.exit();
+    let result = run(cli);
+    clear_bar();
+    if let Err(f) = result {
+        fail(&f);
+    }
+}
+
+/// Prints the failure's message as `vma-decode: MESSAGE` (the message names
+/// the input first) and exits with its code.
+fn fail(f: &Failure) -> ! {
+    clear_bar();
+    if !f.message.is_empty() {
+        eprintln!("vma-decode: {}", f.message);
+    }
+    std::process::exit(f.code)
+}
+
+/// The progress bar of `extract` on a terminal (archive bytes read, rate,
+/// ETA), cleared before anything else is printed on stderr.
+static BAR: std::sync::OnceLock<vma_cli::bar::ProgressBar> = std::sync::OnceLock::new();
+
+fn clear_bar() {
+    if let Some(bar) = BAR.get() {
+        bar.finish_and_clear();
     }
 }
 
@@ -219,7 +126,7 @@ fn serve(archive: &str, opts: &ServeOptions) -> Result<(), Failure> {
 }
 
 fn open(path: &str, options: ReadOptions) -> Result<(String, Archive<Input>), Failure> {
-    let input = Input::open(path).map_err(|e| Failure::io(path, &e))?;
+    let input = Input::open_with_bar(path, BAR.get()).map_err(|e| Failure::io(path, &e))?;
     let name = input.name.clone();
     let archive = Archive::with_options(input, options).map_err(|e| Failure::format(&name, &e))?;
     Ok((name, archive))
@@ -232,9 +139,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     // went away ends the tool quietly (vma_cli::pipe).
     let out_err = |e: std::io::Error| vma_cli::pipe::info_failure(&e);
     match cli.command {
-        Command::List { archive } => {
-            let (_, archive) = open(&archive, ReadOptions::default())?;
-            listing::write_listing(&mut out, archive.header()).map_err(out_err)?;
+        Command::List { archive, json } => {
+            let (input, archive) = open(&archive, ReadOptions::default())?;
+            if json {
+                let doc = vma_decode::json::Listing::new(&input, archive.header());
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&doc).expect("serializable")
+                )
+                .map_err(out_err)?;
+            } else {
+                listing::write_listing(&mut out, archive.header()).map_err(out_err)?;
+            }
         }
         Command::Config { archive, name } => {
             let (input, archive) = open(&archive, ReadOptions::default())?;
@@ -265,6 +182,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "stdout: refusing to write a disk image to a terminal (redirect or pipe it)",
                 ));
             }
+            if vma_cli::bar::wanted(false) {
+                let _ = BAR.set(vma_cli::bar::bytes(
+                    &vma_format::names::escape(archive.as_bytes()),
+                    None,
+                ));
+            }
             let (input, archive) = open(&archive, ReadOptions::default())?;
             extract_to_stdout(archive, &input, &devname, reorder_buffer, &mut out)?;
         }
@@ -277,6 +200,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             verbose,
             salvage,
             force,
+            json,
             ..
         } => {
             let Some(dir) = dir else {
@@ -286,6 +210,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ));
             };
             vma_decode::outdir::OutputDir::check_arg(&dir)?;
+            if vma_cli::bar::wanted(verbose) {
+                let _ = BAR.set(vma_cli::bar::bytes(
+                    &vma_format::names::escape(archive.as_bytes()),
+                    None,
+                ));
+            }
             let (input, archive) = open(&archive, ReadOptions { salvage })?;
             let opts = ExtractOptions {
                 devices,
@@ -294,24 +224,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 salvage,
                 map,
             };
-            let report = extract(archive, &input, &dir, &opts, &mut out)?;
+            let started = std::time::Instant::now();
+            let header = json.then(|| archive.header().clone());
+            // With --json the DEVINFO lines give way to the JSON document.
+            let mut sink = std::io::sink();
+            let lines: &mut dyn Write = if json { &mut sink } else { &mut out };
+            let report = extract(archive, &input, &dir, &opts, lines)?;
+            clear_bar();
+            if let Some(header) = header {
+                let doc = vma_decode::json::Extracted::new(
+                    &input,
+                    &dir,
+                    &header,
+                    &report,
+                    started.elapsed().as_secs_f64(),
+                );
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&doc).expect("serializable")
+                )
+                .map_err(out_err)?;
+            }
             out.flush().map_err(out_err)?;
             if !report.is_complete() {
                 let summary = &report.summary;
                 for d in summary.damage.iter().take(20) {
-                    eprintln!("{input}: skipped: {d}");
+                    eprintln!("vma-decode: {input}: skipped: {d}");
                 }
                 if summary.damage_count > 20 {
                     eprintln!(
-                        "{input}: skipped: … {} more problems",
+                        "vma-decode: {input}: skipped: … {} more problems",
                         summary.damage_count - 20
                     );
                 }
                 for m in &summary.missing {
-                    eprintln!("{input}: {}", missing_line(m, 50));
+                    eprintln!("vma-decode: {input}: {}", missing_line(m, 50));
                 }
                 eprintln!(
-                    "{input}: partial extract: missing clusters are zero; full list in {}",
+                    "vma-decode: {input}: partial extract: missing clusters are zero; full list in {}",
                     dir.join(SALVAGE_REPORT).display()
                 );
                 std::process::exit(exit::PARTIAL);

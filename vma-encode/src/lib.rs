@@ -20,6 +20,7 @@ pub mod merge;
 pub mod output;
 pub mod progress;
 pub mod source;
+pub mod stats;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -50,6 +51,12 @@ pub const SECTOR: u64 = 512;
 const OUTPUT_BUFFER: usize = 256 * 1024;
 
 const AFTER_HELP: &str = "\
+Examples:
+  vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf -o vm100.vma \\
+      drive-scsi0=/dev/vg/vm-100-disk-0 drive-scsi1=/var/lib/vz/images/100/vm-100-disk-1.raw
+  vma-encode -c qemu-server.conf drive-scsi0=disk.raw | zstd > vm.vma.zst
+  cbw-tap backup --control /run/cbw-tap/vm100.nbd.ctl | vma-encode -c qemu-server.conf - | zstd > vm.vma.zst
+
 SOURCE is a raw image file or a block device; NAME=SOURCE names the device
 (a bare SOURCE is named disk0, disk1, … by position, as Proxmox does). Sizes are
 recorded rounded up to a multiple of 512 bytes, the tail read as zero. Holes are
@@ -89,7 +96,7 @@ write the archive: disk full, broken pipe); 128+N stopped by signal N (SIGINT
 #[derive(Parser, Debug)]
 #[command(
     name = "vma-encode",
-    version,
+    version = vma_cli::version(env!("CARGO_PKG_VERSION")),
     about = "Write a Proxmox VMA archive from raw images, block devices or a cluster stream",
     after_help = AFTER_HELP
 )]
@@ -140,6 +147,10 @@ pub struct Args {
     /// Print Proxmox-style progress lines and per-image statistics on stderr.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Print the statistics of the archive made as one JSON object on one
+    /// line on stderr, once it is complete (docs/JSON.md).
+    #[arg(long)]
+    pub json: bool,
     /// NAME=SOURCE or SOURCE (image file or block device), or '-' alone for a
     /// cluster stream on standard input.
     #[arg(value_name = "NAME=SOURCE|SOURCE|-")]
@@ -207,7 +218,8 @@ struct Merging {
 /// Runs `vma-encode` with `args`; the error carries its message (without the
 /// program name) and exit code. `stderr_is_terminal` turns on the progress bar
 /// (unless `-v`). Nothing is left under ARCHIVE's name on failure.
-pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
+pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<stats::EncodeStats, Failure> {
+    let started = std::time::Instant::now();
     if args.sources.is_empty() && args.configs.is_empty() {
         return Err(Failure::new(
             exit::USAGE,
@@ -221,7 +233,7 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
         ));
     }
     let ctime_env = source_date_epoch()?;
-    let (sources, header) = prepare(args, ctime_env)?;
+    let (sources, header, meta) = prepare(args, ctime_env)?;
     // Refuse what the format cannot hold before creating any output.
     header
         .encode()
@@ -236,13 +248,22 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<(), Failure> {
     let mut progress = Progress::new(sizes, args.verbose, stderr_is_terminal);
     let result = encode(args, sources, &header, &output, &mut progress);
     match result {
-        Ok(()) => {
+        Ok((devices, archive_bytes)) => {
             output.commit().map_err(|e| e.into_failure(&out_name))?;
             // About the archive made: said once it exists.
             if let Some(warning) = config_warning(&config_names(args), header.devices()) {
                 eprintln!("vma-encode: {warning}");
             }
-            Ok(())
+            Ok(stats::EncodeStats {
+                output: out_name,
+                uuid: stats::uuid_text(meta.uuid),
+                ctime: meta.ctime,
+                configs: meta.configs,
+                devices,
+                archive_bytes,
+                data_checksums: !args.no_data_checksums,
+                seconds: started.elapsed().as_secs_f64(),
+            })
         }
         Err(e) => {
             progress.abandon();
@@ -259,13 +280,13 @@ fn encode(
     header: &HeaderBuilder,
     output: &Output,
     progress: &mut Progress,
-) -> Result<(), EncodeError> {
+) -> Result<(Vec<stats::DeviceStats>, u64), EncodeError> {
     let options = WriterOptions {
         data_checksums: !args.no_data_checksums,
     };
     // Extents of empty clusters are 512 bytes: gather them into big writes.
     // (Extents larger than the buffer go straight through, uncopied.)
-    let out = BufWriter::with_capacity(OUTPUT_BUFFER, output.file_handle());
+    let out = BufWriter::with_capacity(OUTPUT_BUFFER, output::Counted::new(output.file_handle()));
     let mut writer = Writer::new(out, header, options).map_err(EncodeError::output)?;
     match sources {
         Sources::Images(images) => pull_all(&mut writer, &mut ImageSources::new(&images), progress)
@@ -300,14 +321,26 @@ fn encode(
             })?
         }
     }
-    let stats: Vec<(String, u64, u64)> = writer
-        .device_stats()
-        .into_iter()
-        .map(|d| (d.name, d.size, d.zero_bytes))
+    let device_stats = writer.device_stats();
+    let stats: Vec<(String, u64, u64)> = device_stats
+        .iter()
+        .map(|d| (d.name.clone(), d.size, d.zero_bytes))
         .collect();
-    writer.finish().map_err(EncodeError::output)?;
+    let out = writer.finish().map_err(EncodeError::output)?;
     progress.finish(&stats);
-    Ok(())
+    let devices = device_stats
+        .iter()
+        .enumerate()
+        .map(|(i, d)| stats::DeviceStats::from_writer(i as u8 + 1, d))
+        .collect();
+    Ok((devices, out.get_ref().bytes()))
+}
+
+/// What [`prepare`] learnt that the statistics report.
+struct Meta {
+    uuid: [u8; 16],
+    ctime: i64,
+    configs: Vec<stats::ConfigStats>,
 }
 
 /// The encode loop: the writer pulls every piece of `source`.
@@ -325,7 +358,7 @@ fn pull_all<W: std::io::Write, S: ClusterSource>(
 /// Opens every source and config and declares them in a header. The
 /// creation time: `--ctime`, else the stream's backup instant, else
 /// `ctime_env` (SOURCE_DATE_EPOCH), else now.
-fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilder), Failure> {
+fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilder, Meta), Failure> {
     let stream = args.sources.len() == 1 && args.sources[0] == "-";
     if !stream && args.sources.iter().any(|s| s == "-") {
         return Err(Failure::new(
@@ -423,10 +456,19 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         }
     }
     let mut builder = HeaderBuilder::new(uuid, ctime);
+    let mut meta = Meta {
+        uuid,
+        ctime,
+        configs: Vec::new(),
+    };
     for arg in &args.configs {
         let (name, path) = split_config(arg.as_os_str());
         let (base, data) = read_config(&path)?;
         let name = name.unwrap_or(base);
+        meta.configs.push(stats::ConfigStats {
+            name: vma_format::names::escape(name.as_bytes()),
+            size: data.len() as u64,
+        });
         builder.add_config(&name, data).map_err(|e| {
             Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
         })?;
@@ -440,6 +482,10 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
                     format!("{name}: config {} is not UTF-8", c.display_name()),
                 )
             })?;
+            meta.configs.push(stats::ConfigStats {
+                name: vma_format::names::escape(cname.as_bytes()),
+                size: c.data.len() as u64,
+            });
             builder
                 .add_config(&cname, c.data.clone())
                 .map_err(|e| Failure::format(name, &e))?;
@@ -460,9 +506,10 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
                     map,
                 })),
                 builder,
+                meta,
             ));
         }
-        return Ok((Sources::Stream(reader), builder));
+        return Ok((Sources::Stream(reader), builder, meta));
     }
     let mut images = Vec::with_capacity(args.sources.len());
     for (i, arg) in args.sources.iter().enumerate() {
@@ -474,7 +521,7 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         })?;
         images.push(image);
     }
-    Ok((Sources::Images(images), builder))
+    Ok((Sources::Images(images), builder, meta))
 }
 
 /// The config qmrestore restores a VM from.

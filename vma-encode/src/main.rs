@@ -11,8 +11,15 @@ fn main() {
         eprintln!("vma-encode: cannot handle signals: {e}");
         std::process::exit(vma_cli::exit::IO);
     }
-    if let Err(failure) = vma_encode::run(&args, std::io::stderr().is_terminal()) {
-        eprintln!("vma-encode: {failure}");
-        std::process::exit(failure.code);
+    match vma_encode::run(&args, std::io::stderr().is_terminal()) {
+        Ok(stats) => {
+            if args.json {
+                eprintln!("{}", serde_json::to_string(&stats).expect("serializable"));
+            }
+        }
+        Err(failure) => {
+            eprintln!("vma-encode: {failure}");
+            std::process::exit(failure.code);
+        }
     }
 }

@@ -75,7 +75,7 @@ impl Output {
         let fd = stdout
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| EncodeError::io("<stdout>", &e))?;
+            .map_err(|e| EncodeError::io("stdout", &e))?;
         // Only pipes take this; failing is harmless.
         let _ = rustix::pipe::fcntl_setpipe_size(&fd, PIPE_SIZE);
         Ok(Output::Stdout(File::from(fd)))
@@ -101,7 +101,7 @@ impl Output {
                 std::io::stdout()
                     .as_fd()
                     .try_clone_to_owned()
-                    .map_err(|e| EncodeError::io("<stdout>", &e))?,
+                    .map_err(|e| EncodeError::io("stdout", &e))?,
             )
             .metadata(),
         ) {
@@ -202,7 +202,7 @@ impl Output {
     /// The name for messages.
     pub fn name(&self) -> String {
         match self {
-            Output::Stdout(_) => "<stdout>".into(),
+            Output::Stdout(_) => "stdout".into(),
             Output::Temp { dest, .. } => dest.display().to_string(),
             Output::InPlace { shown, .. } => shown.clone(),
         }
@@ -265,5 +265,42 @@ impl Output {
                 Ok(())
             }
         }
+    }
+}
+
+/// A writer that counts the bytes written through it (the archive's size,
+/// for `--json`, wherever it goes).
+pub struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W> Counted<W> {
+    /// Counts what is written to `inner`.
+    pub fn new(inner: W) -> Counted<W> {
+        Counted { inner, bytes: 0 }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

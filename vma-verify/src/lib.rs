@@ -14,6 +14,8 @@
 //! std::process::exit(report.exit_code());
 //! ```
 
+pub mod cli;
+
 use std::io::{self, Read};
 
 use serde_json::{json, Value};
@@ -339,7 +341,13 @@ impl ArchiveReport {
 /// Opens `path` (`-` for standard input) and verifies it. An archive that
 /// cannot be opened is reported with [`Status::Error`].
 pub fn verify_path(path: &str) -> ArchiveReport {
-    match Input::open(path) {
+    verify_path_with_bar(path, None)
+}
+
+/// [`verify_path`], advancing `bar` by the bytes read (see
+/// [`Input::open_with_bar`]).
+pub fn verify_path_with_bar(path: &str, bar: Option<&vma_cli::bar::ProgressBar>) -> ArchiveReport {
+    match Input::open_with_bar(path, bar) {
         Ok(input) => {
             let name = input.name.clone();
             verify_reader(&name, input)

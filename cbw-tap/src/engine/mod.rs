@@ -181,7 +181,7 @@ impl From<String> for Aborted {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BeginError {
     /// Another backup is running.
-    #[error("a backup is already running (started at {0}, unix time)")]
+    #[error("a backup is already running (started at {})", vma_cli::listing::iso_time(*.0))]
     Busy(i64),
     /// The options cannot work.
     #[error("{0}")]

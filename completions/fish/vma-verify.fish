@@ -1,0 +1,5 @@
+complete -c vma-verify -s q -l quiet -d 'Print nothing on stdout for sound archives (problems still go to stderr)'
+complete -c vma-verify -s v -l verbose -d 'Also print a summary per device (clusters, stored and zero bytes, sparse %)'
+complete -c vma-verify -l json -d 'Print one JSON object per archive and line on stdout instead of text'
+complete -c vma-verify -s h -l help -d 'Print help'
+complete -c vma-verify -s V -l version -d 'Print version'
