@@ -61,8 +61,9 @@ backup() {
   echo "$(python3 -c "print(f'{$t1-$t0:.3f}')") $read"
 }
 
+printf 'name: bench\n' > "$work/qemu-server.conf"
 sync
-read -r t_full0 r_full0 < <(backup "--uuid-from bench-vm" "--sorted" "$work/full.vma")
+read -r t_full0 r_full0 < <(backup "--uuid-from bench-vm" "--sorted -c $work/qemu-server.conf" "$work/full.vma")
 echo "full backup (--sorted): $t_full0 s, $r_full0 bytes read"
 
 n=$((clusters * CHANGE_PERMILLE / 1000)); [ "$n" -ge 1 ] || n=1
@@ -80,8 +81,9 @@ echo "rewrote $n clusters"
 
 read -r t_inc r_inc < <(backup "--incremental --uuid-from bench-vm" "--base $work/full.vma" "$work/inc.vma")
 echo "incremental + merge: $t_inc s, $r_inc bytes read"
-read -r t_full r_full < <(backup "" "" "$work/full2.vma")
+read -r t_full r_full < <(backup "" "-c $work/qemu-server.conf" "$work/full2.vma")
 echo "full backup again:    $t_full s, $r_full bytes read"
+rm -f "$work/full2.vma"
 
 "$bin/vma-decode" extract "$work/inc.vma" "$work/x" >/dev/null
 if cmp -s <(head -c "$bytes" "$work/x/disk-drive-scsi0.raw") "$img"; then

@@ -189,6 +189,10 @@ impl<W> StreamProgress<W> {
             at += 10 + len;
             sizes.push(size);
         }
+        // Version 2 carries the backup's identity before the CRC.
+        if p.get(8..10)? == vma_format::stream::VERSION_IDENTITY.to_be_bytes() {
+            at += vma_format::stream::IDENTITY_SIZE;
+        }
         p.get(at..at + 4)?;
         Some((sizes, at + 4))
     }
@@ -372,6 +376,31 @@ impl WatchedOutput {
         let _ = self.thread.join();
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamProgress;
+    use vma_format::identity::BackupIdentity;
+    use vma_format::stream::{StreamDevice, StreamWriter};
+
+    #[test]
+    fn preamble_length_of_both_versions() {
+        let devices = [StreamDevice::new("a", 1 << 20)];
+        let id = BackupIdentity {
+            uuid: [1; 16],
+            base: None,
+        };
+        for identity in [None, Some(&id)] {
+            let w = StreamWriter::with_identity(Vec::new(), 7, &devices, identity).unwrap();
+            let bytes = w.finish().unwrap();
+            let (sizes, used) = StreamProgress::<Vec<u8>>::parse_preamble(&bytes).unwrap();
+            assert_eq!(sizes, [1 << 20]);
+            // What follows is the end record: 12 + 8 + 4 bytes.
+            assert_eq!(used, bytes.len() - 24, "{identity:?}");
+            assert_eq!(bytes[used], b'E');
         }
     }
 }
