@@ -186,7 +186,14 @@ fn incremental_merged_archives_are_the_disk_and_read_only_what_changed() {
     }
     let serve = Serve::start(d, &img, 1);
     let full = d.join("full.vma");
-    let (err, o) = backup(&serve, "--incremental", "", &full);
+    let conf = d.join("qemu-server.conf");
+    fs::write(&conf, "name: vm100\nscsi0: local:100/vm-100-disk-0.raw\n").unwrap();
+    let (err, o) = backup(
+        &serve,
+        "--incremental",
+        &format!("-c 'qemu-server.conf={}'", conf.display()),
+        &full,
+    );
     assert!(
         o.status.success(),
         "{err}{}",

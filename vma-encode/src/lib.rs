@@ -251,7 +251,9 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<stats::EncodeStats, 
         Ok((devices, archive_bytes)) => {
             output.commit().map_err(|e| e.into_failure(&out_name))?;
             // About the archive made: said once it exists.
-            if let Some(warning) = config_warning(&config_names(args), header.devices()) {
+            // The configs stored: given with -c, or kept from --base.
+            let names: Vec<String> = meta.configs.iter().map(|c| c.name.clone()).collect();
+            if let Some(warning) = config_warning(&names, header.devices()) {
                 eprintln!("vma-encode: {warning}");
             }
             Ok(stats::EncodeStats {
@@ -538,20 +540,6 @@ pub fn config_warning(configs: &[String], devices: &[(String, u64)]) -> Option<S
              will not restore it (add -c {QEMU_SERVER_CONF}=PATH)"
         )
     })
-}
-
-/// The names the configs of `args` are stored under.
-fn config_names(args: &Args) -> Vec<String> {
-    args.configs
-        .iter()
-        .map(|a| match split_config(a.as_os_str()) {
-            (Some(name), _) => name,
-            (None, path) => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        })
-        .collect()
 }
 
 /// `-c NAME=PATH` → (Some(NAME), PATH) when NAME is not empty and holds no
