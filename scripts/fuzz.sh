@@ -29,7 +29,7 @@ export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== installing cargo-fuzz"
-  cargo install cargo-fuzz
+  cargo install --locked cargo-fuzz@0.13.2   # the version these targets were run with
 fi
 
 fixtures=${FUZZ_FIXTURES:-$root/../shared/fixtures}
