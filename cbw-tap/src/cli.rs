@@ -53,6 +53,12 @@ pub enum Cmd {
         /// own disk's first sector; without this the next serve refuses it).
         #[arg(long)]
         assume_raw: bool,
+        /// Keep the changed-cluster tracking across restarts: saved to
+        /// DIR/cbw-tap.state on a clean shutdown, read (and removed) at
+        /// start. Without it, or after an unclean stop, the next
+        /// `backup --incremental` is full.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Exports: NAME=IMAGE (raw image file or block device), in device
         /// order.
         #[arg(value_name = "NAME=IMAGE", required = true, value_parser = parse_export)]
@@ -100,6 +106,14 @@ pub enum Cmd {
         /// (`progress N% TRANSFERRED/TOTAL ZEROS`, as `vma create -v`).
         #[arg(short, long)]
         verbose: bool,
+        /// Only the clusters written since the last completed backup (full
+        /// if there is none); `vma-encode --base LAST.vma -` completes it.
+        #[arg(long)]
+        incremental: bool,
+        /// Archive uuid derived from NAME (the same for every backup made
+        /// with it), instead of a random one; give vma-encode no --uuid.
+        #[arg(long, value_name = "NAME")]
+        uuid_from: Option<String>,
     },
 }
 
@@ -174,6 +188,10 @@ impl<W> StreamProgress<W> {
             let len = u16::from_be_bytes(p.get(at + 8..at + 10)?.try_into().ok()?) as usize;
             at += 10 + len;
             sizes.push(size);
+        }
+        // Version 2 carries the backup's identity before the CRC.
+        if p.get(8..10)? == vma_format::stream::VERSION_IDENTITY.to_be_bytes() {
+            at += vma_format::stream::IDENTITY_SIZE;
         }
         p.get(at..at + 4)?;
         Some((sizes, at + 4))
@@ -358,6 +376,31 @@ impl WatchedOutput {
         let _ = self.thread.join();
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamProgress;
+    use vma_format::identity::BackupIdentity;
+    use vma_format::stream::{StreamDevice, StreamWriter};
+
+    #[test]
+    fn preamble_length_of_both_versions() {
+        let devices = [StreamDevice::new("a", 1 << 20)];
+        let id = BackupIdentity {
+            uuid: [1; 16],
+            base: None,
+        };
+        for identity in [None, Some(&id)] {
+            let w = StreamWriter::with_identity(Vec::new(), 7, &devices, identity).unwrap();
+            let bytes = w.finish().unwrap();
+            let (sizes, used) = StreamProgress::<Vec<u8>>::parse_preamble(&bytes).unwrap();
+            assert_eq!(sizes, [1 << 20]);
+            // What follows is the end record: 12 + 8 + 4 bytes.
+            assert_eq!(used, bytes.len() - 24, "{identity:?}");
+            assert_eq!(bytes[used], b'E');
         }
     }
 }

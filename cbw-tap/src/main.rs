@@ -22,8 +22,10 @@ fn main() {
             control,
             tcp,
             assume_raw,
+            state_dir,
             exports,
         } => serve(ServeConfig {
+            state_dir,
             control: control.unwrap_or_else(|| default_control(&socket)),
             socket,
             tcp,
@@ -41,6 +43,8 @@ fn main() {
             post,
             json,
             verbose,
+            incremental,
+            uuid_from,
         } => {
             if !(cbw_timeout.is_finite() && cbw_timeout > 0.0) {
                 eprintln!("cbw-tap backup: --cbw-timeout must be a positive number of seconds");
@@ -71,6 +75,10 @@ fn main() {
                             std::process::exit(exit::USAGE);
                         }
                     },
+                    incremental,
+                    uuid: uuid_from
+                        .as_deref()
+                        .map(vma_format::identity::uuid_from_name),
                 },
                 pre,
                 post,

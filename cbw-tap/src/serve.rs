@@ -33,6 +33,9 @@ pub struct ServeConfig {
     /// Serve images that start like another image format (qcow2, …) as
     /// raw disks instead of refusing them (`--assume-raw`).
     pub assume_raw: bool,
+    /// Where the changed-cluster tracking is kept across clean restarts
+    /// (`--state-dir`, see [`crate::engine::changed`]).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The default control socket for an NBD socket path: `PATH.ctl`.
@@ -60,6 +63,9 @@ pub struct Tap {
     socket_path: PathBuf,
     stopping: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    state_dir: Option<PathBuf>,
+    names: Vec<String>,
+    images: Vec<fs::File>,
 }
 
 impl Tap {
@@ -91,6 +97,7 @@ impl Tap {
         let mut names = HashSet::new();
         let mut inodes = HashSet::new();
         let mut backends: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+        let mut images = Vec::new();
         for (name, path) in &cfg.exports {
             vma_format::names::check_file_name(name.as_bytes())
                 .map_err(|why| Failure::new(exit::USAGE, format!("export {name:?}: {why}")))?;
@@ -138,9 +145,32 @@ impl Tap {
                     format!("{p}: size {size} outside 1..={MAX_DEVICE_SIZE} bytes"),
                 ));
             }
+            images.push(
+                backend
+                    .file()
+                    .try_clone()
+                    .map_err(|e| Failure::new(exit::IO, format!("{p}: {e}")))?,
+            );
             backends.push((name.clone(), Arc::new(backend)));
         }
         let engine = Engine::new(backends);
+        let names: Vec<String> = cfg.exports.iter().map(|(n, _)| n.clone()).collect();
+        if let Some(dir) = &cfg.state_dir {
+            if !dir.is_dir() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("--state-dir {}: not a directory", dir.display()),
+                ));
+            }
+            match engine.changes().load(dir, &names, &images) {
+                Ok(Some(())) => {}
+                Ok(None) => eprintln!(
+                    "cbw-tap serve: {}: no saved state (first start or unclean stop): the next backup is full",
+                    crate::engine::changed::state_path(dir).display()
+                ),
+                Err(why) => eprintln!("cbw-tap serve: {why}: discarded, the next backup is full"),
+            }
+        }
         let mut server = Server::new();
         for (index, name) in cfg.exports.iter().map(|(n, _)| n).enumerate() {
             server
@@ -184,6 +214,9 @@ impl Tap {
             socket_path: cfg.socket.clone(),
             stopping,
             accept: Some(accept),
+            state_dir: cfg.state_dir.clone(),
+            names,
+            images,
         })
     }
 
@@ -211,6 +244,20 @@ impl Tap {
             }
         }
         self.nbd.shutdown();
+        if let Some(dir) = &self.state_dir {
+            // No guest write can come any more: the record is complete.
+            let saved = if self.engine.current().is_some() {
+                Err(std::io::Error::other("a backup is still running"))
+            } else {
+                self.engine.changes().save(dir, &self.names, &self.images)
+            };
+            if let Err(e) = saved {
+                eprintln!(
+                    "cbw-tap serve: {}: cannot save the changed clusters: {e}; the next backup is full",
+                    crate::engine::changed::state_path(dir).display()
+                );
+            }
+        }
         let _ = fs::remove_file(&self.control_path);
         let _ = fs::remove_file(&self.socket_path);
     }

@@ -22,7 +22,9 @@ impl<W: Write> StreamSink<W> {
             .into_iter()
             .map(|(name, size)| StreamDevice::new(name, size.div_ceil(512) * 512))
             .collect();
-        let writer = StreamWriter::new(out, backup.time(), &devices).map_err(to_io)?;
+        let writer =
+            StreamWriter::with_identity(out, backup.time(), &devices, Some(backup.identity()))
+                .map_err(to_io)?;
         Ok(StreamSink { writer })
     }
 }

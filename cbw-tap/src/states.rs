@@ -78,6 +78,22 @@ impl ClusterStates {
         }
     }
 
+    /// Marks every cluster of `range` copied (whole words at a time).
+    pub fn set_range_copied(&mut self, range: std::ops::Range<u64>) {
+        let mut n = range.start;
+        while n < range.end {
+            let (w, bit) = ((n / 64) as usize, n % 64);
+            if bit == 0 && range.end - n >= 64 {
+                self.copied[w] = u64::MAX;
+                self.claimed[w] = 0;
+                n += 64;
+            } else {
+                self.set(n, ClusterState::Copied);
+                n += 1;
+            }
+        }
+    }
+
     /// Whether every cluster of `first..=last` is copied (a whole word at a
     /// time where possible: this is the check every guest write makes).
     pub fn all_copied(&self, first: u64, last: u64) -> bool {

@@ -281,6 +281,7 @@ fn run_random(seed: u64) -> cbw_tap::Stats {
         policy: Policy::BreakSnapshot,
         bwlimit: None,
         fleecing: None,
+        ..BackupOptions::default()
     };
     let backup = engine.begin(options).unwrap();
     let sink = MemorySink::default();
@@ -402,6 +403,7 @@ fn stalled(
             policy,
             bwlimit: None,
             fleecing: None,
+            ..BackupOptions::default()
         })
         .unwrap();
     let sink = MemorySink::default();
@@ -555,6 +557,7 @@ fn fleecing_spills_instead_of_stalling_the_guest() {
             policy: Policy::BreakSnapshot,
             bwlimit: None,
             fleecing: Some(fleece.clone()),
+            ..BackupOptions::default()
         })
         .unwrap();
     assert!(fleece.exists());

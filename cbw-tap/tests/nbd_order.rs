@@ -156,6 +156,7 @@ fn a_write_waiting_for_its_copy_does_not_hold_up_reads_and_copied_writes() {
             policy: Policy::BreakSnapshot,
             bwlimit: None,
             fleecing: None,
+            ..BackupOptions::default()
         })
         .unwrap();
     let sink = GateSink::default();

@@ -32,6 +32,7 @@ complete -c cbw-tap -n "__fish_cbw_tap_needs_command" -f -a "help" -d 'Print thi
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l socket -d 'NBD Unix socket to create (mode 0600)' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l control -d 'Control socket for `cbw-tap backup` (mode 0600) [default: PATH.ctl]' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l tcp -d 'Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809 (no TLS, no authentication)' -r
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l state-dir -d 'Keep the changed-cluster tracking across restarts: saved to DIR/cbw-tap.state on a clean shutdown, read (and removed) at start. Without it, or after an unclean stop, the next `backup --incremental` is full' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l assume-raw -d 'Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD as raw disks all the same (a guest may write such bytes to its own disk\'s first sector; without this the next serve refuses it)'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l control -d 'The server\'s control socket' -r -F
@@ -43,8 +44,10 @@ complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l on-cbw-error 
 break-guest-write\t'Fail the guest write with EIO, keep the backup'"
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l pre -d 'Shell command run before the instant (e.g. freeze file systems)' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l post -d 'Shell command run right after the instant (e.g. thaw)' -r
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l uuid-from -d 'Archive uuid derived from NAME (the same for every backup made with it), instead of a random one; give vma-encode no --uuid' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l json -d 'Print the final status and counters as one JSON object on stderr'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -s v -l verbose -d 'Print Proxmox-style progress lines on stderr (`progress N% TRANSFERRED/TOTAL ZEROS`, as `vma create -v`)'
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l incremental -d 'Only the clusters written since the last completed backup (full if there is none); `vma-encode --base LAST.vma -` completes it'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand help; and not __fish_seen_subcommand_from serve backup help" -f -a "serve" -d 'Serve images as NBD exports until SIGINT/SIGTERM/SIGHUP'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand help; and not __fish_seen_subcommand_from serve backup help" -f -a "backup" -d 'Back up every export of a running server, at one instant, as a cluster stream on stdout (e.g. `| vma-encode - > vm.vma`)'

@@ -16,6 +16,7 @@
 //! written: every source opened and sized, every config read, the header
 //! encoded (254 devices, 256 configs, 65535-byte blobs, 512 KiB header).
 
+pub mod merge;
 pub mod output;
 pub mod progress;
 pub mod source;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use vma_cli::{exit, Failure};
+use vma_format::reader::Archive;
 use vma_format::stream::StreamReader;
 use vma_format::{
     ClusterSource, HeaderBuilder, PullError, Writer, WriterOptions, MAX_BLOB_SIZE, MAX_CONFIGS,
@@ -114,9 +116,28 @@ pub struct Args {
     /// VMDK, … image.
     #[arg(long)]
     pub assume_raw: bool,
-    /// The archive's uuid (default: random).
-    #[arg(long, value_name = "UUID")]
+    /// The archive's uuid (default: the stream's, else random).
+    #[arg(long, value_name = "UUID", conflicts_with = "uuid_from")]
     pub uuid: Option<uuid::Uuid>,
+    /// The archive's uuid derived from NAME (the same for every archive made
+    /// with it, so consecutive archives share their extent headers).
+    #[arg(long, value_name = "NAME")]
+    pub uuid_from: Option<String>,
+    /// With '-': write the clusters in (device, cluster) order (the stream
+    /// is spooled first, beyond --spool-memory to a temporary file). Images
+    /// are always written in that order; --base keeps the base's order.
+    #[arg(long)]
+    pub sorted: bool,
+    /// With '-' and an incremental stream (`cbw-tap backup --incremental`):
+    /// the archive of the backup the stream applies to (plain or zstd,
+    /// gzip, lzop). The output is a complete archive: each cluster from the
+    /// stream if it has it, else from BASE (checked as it passes).
+    #[arg(long, value_name = "BASE")]
+    pub base: Option<PathBuf>,
+    /// Stream clusters kept in memory by --base and --sorted before they
+    /// spill to a temporary file (in $TMPDIR), in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = merge::DEFAULT_SPOOL_MEMORY)]
+    pub spool_memory: usize,
     /// The archive's creation time in seconds since the epoch (0 or more).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub ctime: Option<i64>,
@@ -180,6 +201,18 @@ impl From<Failure> for EncodeError {
 enum Sources {
     Images(Vec<ImageSource>),
     Stream(StreamReader<File>),
+    /// An incremental stream and its base archive (name, archive, map of
+    /// the base's device ids to the stream's).
+    Merge(Box<Merging>),
+}
+
+/// An incremental stream, and the base archive it applies to.
+struct Merging {
+    stream: StreamReader<File>,
+    base_name: String,
+    base: Archive<vma_cli::input::Input>,
+    /// The base's device ids to the stream's.
+    map: [u8; 256],
 }
 
 /// Runs `vma-encode` with `args`; the error carries its message (without the
@@ -218,7 +251,9 @@ pub fn run(args: &Args, stderr_is_terminal: bool) -> Result<stats::EncodeStats, 
         Ok((devices, archive_bytes)) => {
             output.commit().map_err(|e| e.into_failure(&out_name))?;
             // About the archive made: said once it exists.
-            if let Some(warning) = config_warning(&config_names(args), header.devices()) {
+            // The configs stored: given with -c, or kept from --base.
+            let names: Vec<String> = meta.configs.iter().map(|c| c.name.clone()).collect();
+            if let Some(warning) = config_warning(&names, header.devices()) {
                 eprintln!("vma-encode: {warning}");
             }
             Ok(stats::EncodeStats {
@@ -261,6 +296,26 @@ fn encode(
                 PullError::Source(e) => e,
                 PullError::Write(e) => EncodeError::output(e),
             })?,
+        Sources::Stream(mut stream) if args.sorted => {
+            let mut spool = merge::spool_stream(&mut stream, args.spool_memory)?;
+            merge::write_sorted(&mut spool, &mut writer, progress)?;
+        }
+        Sources::Merge(m) => {
+            let Merging {
+                mut stream,
+                base_name: name,
+                mut base,
+                map,
+            } = *m;
+            let mut spool = merge::spool_stream(&mut stream, args.spool_memory)?;
+            let stats = merge::merge(&name, &mut base, map, &mut spool, &mut writer, progress)?;
+            if args.verbose {
+                eprintln!(
+                    "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file)",
+                    stats.from_stream, stats.from_base, stats.spilled
+                );
+            }
+        }
         Sources::Stream(mut stream) => {
             pull_all(&mut writer, &mut stream, progress).map_err(|e| match e {
                 PullError::Source(e) => Failure::format("<stdin>", &e).into(),
@@ -345,7 +400,63 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         .or(reader.as_ref().map(|r| r.backup_time()))
         .or(ctime_env)
         .unwrap_or_else(now);
-    let uuid = args.uuid.unwrap_or_else(uuid::Uuid::new_v4).into_bytes();
+    if args.base.is_some() && !stream {
+        return Err(Failure::new(
+            exit::USAGE,
+            "--base needs '-' (an incremental cluster stream on standard input)",
+        ));
+    }
+    if args.sorted && args.base.is_some() {
+        return Err(Failure::new(
+            exit::USAGE,
+            "--sorted with --base: the merge keeps the base's order (write the base with --sorted)",
+        ));
+    }
+    let mut base = None;
+    if let (Some(path), Some(r)) = (&args.base, reader.as_ref()) {
+        let name = path.display().to_string();
+        if r.is_incremental() {
+            let input = vma_cli::input::Input::open(&name).map_err(|e| Failure::io(&name, &e))?;
+            let archive = Archive::new(input).map_err(|e| Failure::format(&name, &e))?;
+            let map = merge::check_base(&name, archive.header(), r)?;
+            base = Some((name, archive, map));
+        } else {
+            eprintln!("vma-encode: the stream is a full backup: --base {name} is not needed");
+        }
+    }
+    if let Some(r) = reader
+        .as_ref()
+        .filter(|r| r.is_incremental() && base.is_none())
+    {
+        let base = r.identity().and_then(|i| i.base).expect("incremental");
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "<stdin>: an incremental cluster stream (only the clusters changed since the backup {} of {}): give that backup's archive with --base",
+                uuid::Uuid::from_bytes(base.uuid),
+                base.time
+            ),
+        ));
+    }
+    // A stream that names its archive's uuid (cbw-tap's) gets it, so that
+    // the next incremental backup can name this archive as its base.
+    let uuid = args
+        .uuid
+        .map(uuid::Uuid::into_bytes)
+        .or(args
+            .uuid_from
+            .as_deref()
+            .map(vma_format::identity::uuid_from_name))
+        .or(reader.as_ref().and_then(|r| r.identity()).map(|i| i.uuid))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().into_bytes());
+    if let Some(id) = reader.as_ref().and_then(|r| r.identity()) {
+        if id.uuid != uuid {
+            eprintln!(
+                "vma-encode: warning: the archive's uuid is not the one the stream names ({}): it cannot be the base of the next incremental backup (give --uuid-from to cbw-tap backup instead)",
+                uuid::Uuid::from_bytes(id.uuid)
+            );
+        }
+    }
     let mut builder = HeaderBuilder::new(uuid, ctime);
     let mut meta = Meta {
         uuid,
@@ -364,11 +475,41 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
             Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
         })?;
     }
+    if let (true, Some((name, archive, _))) = (args.configs.is_empty(), &base) {
+        // The merged archive keeps the base's configs unless given others.
+        for c in archive.header().configs() {
+            let cname = String::from_utf8(c.c_name().to_vec()).map_err(|_| {
+                Failure::new(
+                    exit::DAMAGED,
+                    format!("{name}: config {} is not UTF-8", c.display_name()),
+                )
+            })?;
+            meta.configs.push(stats::ConfigStats {
+                name: vma_format::names::escape(cname.as_bytes()),
+                size: c.data.len() as u64,
+            });
+            builder
+                .add_config(&cname, c.data.clone())
+                .map_err(|e| Failure::format(name, &e))?;
+        }
+    }
     if let Some(reader) = reader {
         for d in reader.devices() {
             builder
                 .add_device(&d.name, d.size)
                 .map_err(|e| Failure::format("<stdin>", &e))?;
+        }
+        if let Some((name, archive, map)) = base {
+            return Ok((
+                Sources::Merge(Box::new(Merging {
+                    stream: reader,
+                    base_name: name,
+                    base: archive,
+                    map,
+                })),
+                builder,
+                meta,
+            ));
         }
         return Ok((Sources::Stream(reader), builder, meta));
     }
@@ -399,20 +540,6 @@ pub fn config_warning(configs: &[String], devices: &[(String, u64)]) -> Option<S
              will not restore it (add -c {QEMU_SERVER_CONF}=PATH)"
         )
     })
-}
-
-/// The names the configs of `args` are stored under.
-fn config_names(args: &Args) -> Vec<String> {
-    args.configs
-        .iter()
-        .map(|a| match split_config(a.as_os_str()) {
-            (Some(name), _) => name,
-            (None, path) => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        })
-        .collect()
 }
 
 /// `-c NAME=PATH` → (Some(NAME), PATH) when NAME is not empty and holds no

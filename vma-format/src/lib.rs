@@ -32,6 +32,7 @@ pub mod devices;
 pub mod error;
 pub mod extent;
 pub mod header;
+pub mod identity;
 pub mod names;
 pub mod reader;
 pub mod source;

@@ -168,6 +168,17 @@ impl BackupClient {
                 Failure::new(exit::IO, format!("{ctl}: server refused the backup: {why}")).into(),
             );
         }
+        if self.options.incremental {
+            // Say which: an incremental request without a base is full.
+            match &reply.base {
+                Some((uuid, time)) => eprintln!(
+                    "cbw-tap backup: incremental backup on base {uuid} of {time}"
+                ),
+                None => eprintln!(
+                    "cbw-tap backup: no base to build on (first backup, unclean stop or failed backup): full backup"
+                ),
+            }
+        }
         // The server writes the stream; we wait for its verdict, as long
         // as the stream takes.
         let status = read_line::<Status>(&mut rd, "final status").map_err(|e| {

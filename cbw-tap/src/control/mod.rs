@@ -58,6 +58,12 @@ pub struct Request {
     pub bwlimit: Option<u64>,
     /// `--fleecing`, an absolute path.
     pub fleecing: Option<String>,
+    /// `--incremental`: only what changed since the last completed backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incremental: bool,
+    /// The archive uuid (`--uuid-from`), 32 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 /// A device of the backup, in the reply.
@@ -83,6 +89,13 @@ pub struct Reply {
     /// The devices, in device order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<DeviceInfo>>,
+    /// The archive uuid the stream names, 32 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// For an incremental backup: the base's uuid (32 hex digits) and
+    /// instant. Absent: the backup is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<(String, i64)>,
 }
 
 /// The final status of a backup.
@@ -128,6 +141,26 @@ pub enum RequestError {
     /// A bad `buffer`.
     #[error("buffer must be a byte count")]
     Buffer,
+    /// A bad `uuid`.
+    #[error("uuid must be 32 hex digits")]
+    Uuid,
+}
+
+/// `b` as lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// 32 hex digits as 16 bytes.
+pub fn unhex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes and parses it as `T`.
@@ -172,6 +205,8 @@ pub fn request(options: &BackupOptions) -> Request {
             .fleecing
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
+        incremental: options.incremental,
+        uuid: options.uuid.map(|u| hex(&u)),
     }
 }
 
@@ -207,6 +242,10 @@ pub fn parse_request(line: &[u8]) -> Result<BackupOptions, RequestError> {
         }
         o.bwlimit = Some(b);
     }
+    o.incremental = r.incremental;
+    if let Some(u) = r.uuid {
+        o.uuid = Some(unhex16(&u).ok_or(RequestError::Uuid)?);
+    }
     Ok(o)
 }
 
@@ -222,9 +261,13 @@ mod tests {
             policy: Policy::BreakGuestWrite,
             bwlimit: Some(123),
             fleecing: Some("/tmp/f".into()),
+            incremental: true,
+            uuid: Some([0xa5; 16]),
         };
         let line = line_of(&request(&o)).unwrap();
         let back = parse_request(&line).unwrap();
+        assert!(back.incremental);
+        assert_eq!(back.uuid, Some([0xa5; 16]));
         assert_eq!(
             (back.buffer, back.cbw_timeout, back.policy, back.bwlimit),
             (o.buffer, o.cbw_timeout, o.policy, o.bwlimit)

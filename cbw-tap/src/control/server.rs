@@ -122,6 +122,11 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
                 .map(|(name, size)| DeviceInfo { name, size })
                 .collect(),
         ),
+        uuid: Some(super::hex(&backup.identity().uuid)),
+        base: backup
+            .identity()
+            .base
+            .map(|b| (super::hex(&b.uuid), b.time)),
     };
     if write_line(&mut out, &reply).is_err() {
         backup.abort("the backup client went away before the backup started");

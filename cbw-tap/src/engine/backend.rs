@@ -24,6 +24,9 @@ impl CbwBackend {
         op: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         let gate = self.engine.gate();
+        if len > 0 {
+            self.engine.changes.record(self.index, offset, len);
+        }
         if let Some(backup) = gate.as_ref() {
             if !backup.is_over() {
                 backup.before_guest_write(self.index, offset, len)?;

@@ -8,6 +8,8 @@ use std::time::Instant;
 use nbd_server::sync::lock;
 use nbd_server::{Backend, Extent};
 use vma_format::clusters_for;
+use vma_format::clusterset::ClusterSet;
+use vma_format::identity::{BackupIdentity, BaseRef};
 
 use super::{BackupOptions, Source, CS};
 use crate::queue::CaptureQueue;
@@ -89,6 +91,9 @@ impl ExportCopy {
 /// clusters, counters, and whether it is over.
 pub struct Backup {
     pub(super) time: i64,
+    pub(super) identity: BackupIdentity,
+    /// Clusters the stream carries: all, or those changed since the base.
+    pub(super) expected: u64,
     pub(super) exports: Vec<ExportCopy>,
     pub(super) queue: CaptureQueue,
     pub(super) options: BackupOptions,
@@ -118,24 +123,28 @@ impl Backup {
         sources: &[Source],
         options: BackupOptions,
         fleece: Option<std::fs::File>,
+        uuid: [u8; 16],
     ) -> Backup {
         let exports: Vec<ExportCopy> = sources
             .iter()
             .map(|s| {
                 let size = s.backend.size();
                 let clusters = clusters_for(size);
+                let states = ClusterStates::new(clusters);
                 ExportCopy {
                     name: s.name.clone(),
                     backend: Arc::clone(&s.backend),
                     size,
                     clusters,
-                    states: Mutex::new(ClusterStates::new(clusters)),
+                    states: Mutex::new(states),
                     cond: Condvar::new(),
                 }
             })
             .collect();
         Backup {
             time: 0,
+            identity: BackupIdentity { uuid, base: None },
+            expected: exports.iter().map(|e| e.clusters).sum(),
             queue: CaptureQueue::new(options.buffer, fleece),
             counters: Counters::new(exports.len()),
             exports,
@@ -146,6 +155,21 @@ impl Backup {
             nap: Mutex::new(()),
             nap_cond: Condvar::new(),
         }
+    }
+
+    /// Makes the (not yet started) backup incremental on `base`: only the
+    /// clusters of `changed` (one set per export) are to be captured, the
+    /// others count as copied from the start.
+    pub(super) fn make_incremental(&mut self, changed: &[ClusterSet], base: BaseRef) {
+        self.expected = 0;
+        for (ex, set) in self.exports.iter_mut().zip(changed) {
+            let st = ex.states.get_mut().unwrap_or_else(|p| p.into_inner());
+            for gap in set.missing() {
+                st.set_range_copied(gap);
+            }
+            self.expected += set.count();
+        }
+        self.identity.base = Some(base);
     }
 
     /// The backup instant, in seconds since the Unix epoch.
@@ -160,6 +184,21 @@ impl Backup {
             .iter()
             .map(|e| (e.name.clone(), e.size))
             .collect()
+    }
+
+    /// The archive uuid and, for an incremental backup, its base.
+    pub fn identity(&self) -> &BackupIdentity {
+        &self.identity
+    }
+
+    /// Whether only the clusters changed since a base are captured.
+    pub fn is_incremental(&self) -> bool {
+        self.identity.base.is_some()
+    }
+
+    /// Clusters the stream carries (all of them for a full backup).
+    pub fn expected_clusters(&self) -> u64 {
+        self.expected
     }
 
     /// The options it runs with.

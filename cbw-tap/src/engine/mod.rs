@@ -48,12 +48,15 @@ use vma_format::{Cluster, CLUSTER_SIZE};
 
 mod backend;
 mod backup;
+pub mod changed;
 mod guest;
 mod reader;
 mod writer;
 
 pub use backend::CbwBackend;
 pub use backup::Backup;
+pub use changed::Changes;
+use vma_format::identity::BaseRef;
 
 pub(crate) const CS: u64 = CLUSTER_SIZE as u64;
 
@@ -116,6 +119,13 @@ pub struct BackupOptions {
     /// end; it must not exist) where copy-before-write puts old clusters
     /// when the buffer is full, instead of making the guest wait.
     pub fleecing: Option<std::path::PathBuf>,
+    /// Capture only the clusters written since the last completed backup
+    /// (its base), if there is one; else (first backup, after an unclean
+    /// stop or a failed backup) a full backup.
+    pub incremental: bool,
+    /// The archive uuid (default: a random one); with `--uuid-from` the
+    /// same for every backup, the instant then tells them apart.
+    pub uuid: Option<[u8; 16]>,
 }
 
 impl Default for BackupOptions {
@@ -126,6 +136,8 @@ impl Default for BackupOptions {
             policy: Policy::BreakSnapshot,
             bwlimit: None,
             fleecing: None,
+            incremental: false,
+            uuid: None,
         }
     }
 }
@@ -184,13 +196,19 @@ pub struct Engine {
     gate: RwLock<Option<Arc<Backup>>>,
     busy: Mutex<Option<Arc<Backup>>>,
     ended: Condvar,
+    changes: Changes,
 }
 
 impl Engine {
     /// An engine over `exports` (name and backend each, in device order:
     /// the first becomes device 1 of the stream).
     pub fn new(exports: Vec<(String, Arc<dyn Backend>)>) -> Arc<Engine> {
+        let clusters = exports
+            .iter()
+            .map(|(_, b)| vma_format::clusters_for(b.size()))
+            .collect();
         Arc::new(Engine {
+            changes: Changes::new(clusters),
             sources: exports
                 .into_iter()
                 .map(|(name, backend)| Source { name, backend })
@@ -217,6 +235,11 @@ impl Engine {
             index,
             inner: Arc::clone(&self.sources[index].backend),
         }
+    }
+
+    /// The changed-cluster tracking (see [`changed`]).
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// The running backup, if any (also one that is over but not yet ended).
@@ -261,14 +284,32 @@ impl Engine {
                 Some(file)
             }
         };
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        };
+        // A backup is named by its archive's uuid and instant: never two
+        // backups in the same second after each other.
+        if let Some(base) = self.changes.base() {
+            while now() <= base.time {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let uuid = options
+            .uuid
+            .unwrap_or_else(|| uuid::Uuid::new_v4().into_bytes());
+        let incremental = options.incremental;
         // Allocate the states before the instant, so the gate is held for
         // as short a time as possible.
-        let mut backup = Backup::new(&self.sources, options, fleece);
+        let mut backup = Backup::new(&self.sources, options, fleece, uuid);
         let mut gate = write(&self.gate);
         // The instant: no guest write is in flight while we hold the gate.
-        backup.time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        backup.time = now();
+        let (changed, base) = self.changes.take();
+        if let (true, Some(base)) = (incremental, base) {
+            backup.make_incremental(&changed, base);
+        }
         let backup = Arc::new(backup);
         *gate = Some(Arc::clone(&backup));
         drop(gate);
@@ -356,6 +397,12 @@ impl Engine {
             Err(Aborted(backup.abort_reason().unwrap_or_default()))
         });
         let _ = reader.join();
+        if result.is_ok() {
+            self.changes.completed(BaseRef {
+                uuid: backup.identity().uuid,
+                time: backup.time(),
+            });
+        }
         result
     }
 

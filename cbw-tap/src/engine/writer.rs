@@ -53,11 +53,11 @@ impl Backup {
             let _ = sink.abort(&reason);
             return Err(Aborted(reason));
         }
-        if emitted != self.total_clusters() {
+        if emitted != self.expected {
             return fail(
                 format!(
                     "internal error: {emitted} clusters captured, {} expected",
-                    self.total_clusters()
+                    self.expected
                 ),
                 sink,
             );

@@ -33,8 +33,14 @@ pub use writer::StreamWriter;
 
 /// Magic number at the start of every cluster stream.
 pub const MAGIC: [u8; 8] = *b"VMACSTRM";
-/// The version this module reads and writes.
+/// The version this module writes without a [`BackupIdentity`].
 pub const VERSION: u16 = 1;
+/// The version with a [`BackupIdentity`] in the preamble (after the
+/// devices): the archive uuid, and for an incremental stream its base.
+/// Readers of version 1 refuse it (`unsupported cluster stream version 2`).
+pub const VERSION_IDENTITY: u16 = 2;
+
+pub use crate::identity::{BackupIdentity, BaseRef, IDENTITY_SIZE};
 /// Record type of a cluster record.
 pub const RECORD_CLUSTER: u8 = b'C';
 /// Record type of the end record.

@@ -6,6 +6,7 @@ use super::{
     check_devices, StreamDevice, IO_BUFFER, MAGIC, MAX_ABORT_REASON, MAX_NAME_LEN,
     PREAMBLE_FIXED_SIZE, RECORD_ABORT, RECORD_CLUSTER, RECORD_END, RECORD_HEADER_SIZE, VERSION,
 };
+use super::{BackupIdentity, IDENTITY_SIZE, VERSION_IDENTITY};
 use crate::cluster::{BlockMask, Cluster};
 use crate::devices::{CheckRules, DeviceTracker, Refusal};
 use crate::error::{Error, Location};
@@ -44,6 +45,7 @@ use crate::{CLUSTER_SIZE, MAX_DEVICES};
 pub struct StreamReader<R: Read> {
     inner: BufReader<R>,
     backup_time: i64,
+    identity: Option<BackupIdentity>,
     devices: Vec<StreamDevice>,
     state: DeviceTracker,
     body: Box<[u8]>,
@@ -74,9 +76,9 @@ impl<R: Read> StreamReader<R> {
         }
         crc.update(&fixed);
         let version = u16::from_be_bytes([fixed[8], fixed[9]]);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_IDENTITY {
             return Err(pre_damaged(format!(
-                "unsupported cluster stream version {version} (this reader knows {VERSION})"
+                "unsupported cluster stream version {version} (this reader knows {VERSION} and {VERSION_IDENTITY})"
             )));
         }
         let flags = u16::from_be_bytes([fixed[10], fixed[11]]);
@@ -110,12 +112,23 @@ impl<R: Read> StreamReader<R> {
             pos += 10 + len as u64;
             raw.push((name, size));
         }
+        let mut id_bytes = [0u8; IDENTITY_SIZE];
+        if version == VERSION_IDENTITY {
+            read_exact_pre(&mut inner, &mut id_bytes, pos)?;
+            crc.update(&id_bytes);
+            pos += IDENTITY_SIZE as u64;
+        }
         let mut stored = [0u8; 4];
         read_exact_pre(&mut inner, &mut stored, pos)?;
         pos += 4;
         if crc.finalize() != u32::from_be_bytes(stored) {
             return Err(pre_damaged("preamble checksum mismatch"));
         }
+        let identity = if version == VERSION_IDENTITY {
+            Some(BackupIdentity::decode(&id_bytes).map_err(pre_damaged)?)
+        } else {
+            None
+        };
         let mut devices = Vec::with_capacity(count);
         for (i, (name, size)) in raw.into_iter().enumerate() {
             let name = String::from_utf8(name)
@@ -130,6 +143,7 @@ impl<R: Read> StreamReader<R> {
         Ok(StreamReader {
             inner,
             backup_time,
+            identity,
             devices,
             state,
             body: vec![0u8; CLUSTER_SIZE].into_boxed_slice(),
@@ -144,6 +158,18 @@ impl<R: Read> StreamReader<R> {
     /// The backup instant, in seconds since the epoch.
     pub fn backup_time(&self) -> i64 {
         self.backup_time
+    }
+
+    /// The identity of a version-2 stream (archive uuid, base of an
+    /// incremental stream); `None` for version 1.
+    pub fn identity(&self) -> Option<&BackupIdentity> {
+        self.identity.as_ref()
+    }
+
+    /// Whether only changed clusters come (an incremental stream): the
+    /// end checks no cluster is missing only for full streams.
+    pub fn is_incremental(&self) -> bool {
+        self.identity.is_some_and(|i| i.base.is_some())
     }
 
     /// The devices, id 1 first.
@@ -374,6 +400,9 @@ impl<R: Read> StreamReader<R> {
                     st.accepted()
                 ));
             }
+        }
+        if self.is_incremental() {
+            return Ok(());
         }
         for (dev, (_, st)) in self.devices.iter().zip(self.state.declared()) {
             if let Some(first) = st.first_missing() {

@@ -89,6 +89,52 @@ fn round_trip() {
 }
 
 #[test]
+fn incremental_identity() {
+    let id = BackupIdentity {
+        uuid: [3; 16],
+        base: Some(BaseRef {
+            uuid: [4; 16],
+            time: 1_700_000_000,
+        }),
+    };
+    let some = &all_clusters()[1..3];
+    let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&id)).unwrap();
+    for c in some {
+        w.write_cluster(&c.as_cluster()).unwrap();
+    }
+    let bytes = w.finish().unwrap();
+    assert_eq!(&bytes[8..10], &[0, 2]);
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    assert_eq!(r.identity(), Some(&id));
+    assert!(r.is_incremental());
+    let mut n = 0;
+    while r.next_cluster().unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 2);
+    // A full version-2 stream still needs every cluster.
+    let full = BackupIdentity {
+        uuid: [3; 16],
+        base: None,
+    };
+    let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&full)).unwrap();
+    for c in some {
+        w.write_cluster(&c.as_cluster()).unwrap();
+    }
+    let bytes = w.finish().unwrap();
+    assert!(err_of(&bytes).contains("missing"), "{}", err_of(&bytes));
+    // A damaged kind byte (CRC fixed up) is named.
+    let mut w = StreamWriter::with_identity(Vec::new(), 5, &devices(), Some(&id)).unwrap();
+    w.write_cluster(&some[0].as_cluster()).unwrap();
+    let mut bytes = w.finish().unwrap();
+    let pre = preamble_len() + IDENTITY_SIZE;
+    bytes[pre - IDENTITY_SIZE - 4 + 16] = 9;
+    let crc = crc32fast::hash(&bytes[..pre - 4]);
+    bytes[pre - 4..pre].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(err_of(&bytes), "header: unknown backup kind 9");
+}
+
+#[test]
 fn layout() {
     let bytes = stream_of(&[]);
     assert_eq!(&bytes[..8], b"VMACSTRM");
@@ -115,10 +161,10 @@ fn preamble_errors() {
         "header: truncated: the input ends inside the preamble, after 10 bytes"
     );
     let mut bad = good.clone();
-    bad[9] = 2;
+    bad[9] = 3;
     assert_eq!(
         err_of(&bad),
-        "header: unsupported cluster stream version 2 (this reader knows 1)"
+        "header: unsupported cluster stream version 3 (this reader knows 1 and 2)"
     );
     let mut bad = good.clone();
     bad[11] = 1;

@@ -37,10 +37,28 @@ impl<W: Write> StreamWriter<W> {
         backup_time: i64,
         devices: &[StreamDevice],
     ) -> Result<StreamWriter<W>, Error> {
+        Self::with_identity(out, backup_time, devices, None)
+    }
+
+    /// [`new`](Self::new), and with `Some(identity)` a version-2 stream
+    /// that names its archive uuid and, if incremental, its base. An
+    /// incremental stream carries only the clusters changed since the base
+    /// (the end record counts what was sent).
+    pub fn with_identity(
+        out: W,
+        backup_time: i64,
+        devices: &[StreamDevice],
+        identity: Option<&super::BackupIdentity>,
+    ) -> Result<StreamWriter<W>, Error> {
         check_devices(devices).map_err(Error::invalid)?;
         let mut pre = Vec::with_capacity(PREAMBLE_FIXED_SIZE + 4);
         pre.extend_from_slice(&MAGIC);
-        pre.extend_from_slice(&VERSION.to_be_bytes());
+        let version = if identity.is_some() {
+            super::VERSION_IDENTITY
+        } else {
+            VERSION
+        };
+        pre.extend_from_slice(&version.to_be_bytes());
         pre.extend_from_slice(&0u16.to_be_bytes());
         pre.extend_from_slice(&backup_time.to_be_bytes());
         pre.extend_from_slice(&(devices.len() as u16).to_be_bytes());
@@ -48,6 +66,9 @@ impl<W: Write> StreamWriter<W> {
             pre.extend_from_slice(&d.size.to_be_bytes());
             pre.extend_from_slice(&(d.name.len() as u16).to_be_bytes());
             pre.extend_from_slice(d.name.as_bytes());
+        }
+        if let Some(id) = identity {
+            pre.extend_from_slice(&id.encode());
         }
         let crc = crc32fast::hash(&pre);
         pre.extend_from_slice(&crc.to_be_bytes());

@@ -1,0 +1,270 @@
+//! `vma-encode --base PREV -` and `--sorted`/`--uuid-from` with streams
+//! made in-process: the merge is the base with the stream's clusters in
+//! their place, even when the stream spills to the temporary file; wrong
+//! bases and other devices are refused; consecutive sorted archives with
+//! a fixed uuid share every extent the changes did not touch.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use vma_format::identity::{uuid_from_name, BackupIdentity, BaseRef};
+use vma_format::reader::{Archive, ClusterSink, Flow};
+use vma_format::stream::{StreamDevice, StreamWriter};
+use vma_format::{Cluster, ClusterBuf, CLUSTER_SIZE};
+
+const SIZES: [usize; 2] = [200 * CLUSTER_SIZE + 5000, 8 * CLUSTER_SIZE];
+
+fn images(seed: u64) -> Vec<Vec<u8>> {
+    let mut x = seed | 1;
+    SIZES
+        .iter()
+        .map(|&s| {
+            (0..s)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8 | 1
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn devices(sizes: &[usize]) -> Vec<StreamDevice> {
+    ["drive-scsi0", "drive-scsi1"]
+        .iter()
+        .zip(sizes)
+        .map(|(n, &s)| StreamDevice::new(*n, s.div_ceil(512) as u64 * 512))
+        .collect()
+}
+
+/// A stream of the given clusters of `imgs` (device index, cluster), in
+/// the order given.
+fn stream(
+    imgs: &[Vec<u8>],
+    which: &[(usize, usize)],
+    time: i64,
+    id: &BackupIdentity,
+    sizes: &[usize],
+) -> Vec<u8> {
+    let mut w = StreamWriter::with_identity(Vec::new(), time, &devices(sizes), Some(id)).unwrap();
+    for &(d, n) in which {
+        let size = imgs[d].len().div_ceil(512) * 512;
+        let raw = &imgs[d][n * CLUSTER_SIZE..((n + 1) * CLUSTER_SIZE).min(imgs[d].len())];
+        let c = ClusterBuf::from_raw(d as u8 + 1, n as u32, raw, size - n * CLUSTER_SIZE);
+        w.write_cluster(&c.as_cluster()).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+fn all(imgs: &[Vec<u8>]) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for (d, img) in imgs.iter().enumerate() {
+        for n in 0..img.len().div_ceil(CLUSTER_SIZE) {
+            v.push((d, n));
+        }
+    }
+    v
+}
+
+fn encode(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(common::bin("vma-encode"))
+        .args(args)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(input);
+    child.wait_with_output().unwrap()
+}
+
+#[derive(Default)]
+struct Decoded {
+    images: Vec<Vec<u8>>,
+    order: Vec<(u8, u32)>,
+}
+
+impl ClusterSink for Decoded {
+    fn begin(&mut self, h: &vma_format::VmaHeader) -> std::io::Result<()> {
+        self.images = h
+            .devices()
+            .iter()
+            .map(|d| vec![0; d.size as usize])
+            .collect();
+        Ok(())
+    }
+    fn cluster(&mut self, c: &Cluster<'_>) -> std::io::Result<Flow> {
+        let img = &mut self.images[c.dev_id as usize - 1];
+        let mut full = vec![0u8; CLUSTER_SIZE];
+        c.expand_into(&mut full);
+        let at = c.cluster_num as usize * CLUSTER_SIZE;
+        let end = (at + CLUSTER_SIZE).min(img.len());
+        img[at..end].copy_from_slice(&full[..end - at]);
+        self.order.push((c.dev_id, c.cluster_num));
+        Ok(Flow::Continue)
+    }
+}
+
+fn decode(path: &Path) -> (vma_format::VmaHeader, Decoded) {
+    let bytes = fs::read(path).unwrap();
+    let mut a = Archive::new(&bytes[..]).unwrap();
+    let mut d = Decoded::default();
+    assert!(a.run(&mut d).unwrap().is_complete());
+    (a.header().clone(), d)
+}
+
+fn hyphenated(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn padded(img: &[u8]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    v.resize(img.len().div_ceil(512) * 512, 0);
+    v
+}
+
+#[test]
+fn merge_sorted_and_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let one = images(1);
+    let u = uuid_from_name("vm-100");
+    // The first backup, in a scrambled order, written --sorted.
+    let mut order = all(&one);
+    order.reverse();
+    order.swap(3, 30);
+    let full = BackupIdentity {
+        uuid: u,
+        base: None,
+    };
+    let o = encode(
+        &["--sorted", "--spool-memory", "100000", "-o", &p("a.vma")],
+        &stream(&one, &order, 1000, &full, &SIZES),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (h, a) = decode(&d.join("a.vma"));
+    assert_eq!((h.uuid(), h.ctime()), (u, 1000));
+    let mut sorted = a.order.clone();
+    sorted.sort();
+    assert_eq!(a.order, sorted, "--sorted writes (device, cluster) order");
+    assert!(a.images[0] == padded(&one[0]) && a.images[1] == padded(&one[1]));
+
+    // Changes: three clusters of each device.
+    let mut two = one.clone();
+    let changed = [(0usize, 0usize), (0, 17), (0, 200), (1, 2), (1, 3), (1, 7)];
+    let other = images(2);
+    for &(dv, n) in &changed {
+        let end = ((n + 1) * CLUSTER_SIZE).min(two[dv].len());
+        two[dv][n * CLUSTER_SIZE..end].copy_from_slice(&other[dv][n * CLUSTER_SIZE..end]);
+    }
+    let inc = BackupIdentity {
+        uuid: u,
+        base: Some(BaseRef {
+            uuid: u,
+            time: 1000,
+        }),
+    };
+    let s2 = stream(&two, &changed, 2000, &inc, &SIZES);
+    // Without the base: refused, nothing written.
+    let o = encode(&["-o", &p("x.vma")], &s2);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!d.join("x.vma").exists());
+    // The merge, its stream spilled to the temporary file beyond 64 KiB.
+    let o = encode(
+        &[
+            "-v",
+            "--spool-memory",
+            "65536",
+            "--base",
+            &p("a.vma"),
+            "-o",
+            &p("b.vma"),
+        ],
+        &s2,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("merged 6 clusters from the stream onto 203 from"),
+        "{err}"
+    );
+    assert!(!err.contains("(0 bytes spooled"), "{err}");
+    let (h, b) = decode(&d.join("b.vma"));
+    assert_eq!((h.uuid(), h.ctime()), (u, 2000));
+    assert!(b.images[0] == padded(&two[0]) && b.images[1] == padded(&two[1]));
+    assert_eq!(b.order, sorted, "the merge keeps the base's order");
+
+    // Consecutive archives share every extent no change touched.
+    let (x, y) = (
+        fs::read(d.join("a.vma")).unwrap(),
+        fs::read(d.join("b.vma")).unwrap(),
+    );
+    assert_eq!(x.len(), y.len());
+    // The headers differ (ctime, MD5); then only the changed clusters'
+    // bytes and their extents' headers (MD5, data checksum).
+    let hs = h.header_size() as usize;
+    let differing = (hs..x.len()).filter(|&i| x[i] != y[i]).count();
+    assert!(
+        differing <= 6 * CLUSTER_SIZE + 4 * 512,
+        "{differing} bytes differ of {}",
+        x.len()
+    );
+    assert!(differing > 5 * CLUSTER_SIZE, "the changes are there");
+
+    // The wrong base: the stream of the third backup on the first archive.
+    let inc3 = BackupIdentity {
+        uuid: u,
+        base: Some(BaseRef {
+            uuid: u,
+            time: 2000,
+        }),
+    };
+    let s3 = stream(&two, &[(0, 5)], 3000, &inc3, &SIZES);
+    let o = encode(&["--base", &p("a.vma"), "-o", &p("c.vma")], &s3);
+    assert_eq!(o.status.code(), Some(2));
+    let uuid = hyphenated(&u);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim_end(),
+        format!(
+            "vma-encode: {}: the stream applies to the backup {uuid} of 2000, not to this archive ({uuid} of 1000)",
+            p("a.vma")
+        )
+    );
+    assert!(!d.join("c.vma").exists());
+    let o = encode(&["--base", &p("b.vma"), "-o", &p("c.vma")], &s3);
+    assert!(o.status.success());
+
+    // Other devices: refused.
+    let s4 = stream(&two, &[(0, 5)], 3000, &inc3, &[SIZES[0], SIZES[1] + 512]);
+    let o = encode(&["--base", &p("b.vma"), "-o", &p("d.vma")], &s4);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim_end(),
+        format!(
+            "vma-encode: {}: its devices differ from the stream's: device 2: drive-scsi1 of 524288 bytes in the archive, drive-scsi1 of 524800 bytes in the stream",
+            p("b.vma")
+        )
+    );
+    // --base without a stream, --sorted with --base: usage errors.
+    let o = Command::new(common::bin("vma-encode"))
+        .args(["--base", &p("b.vma"), "-o", &p("e.vma"), &p("a.vma")])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
