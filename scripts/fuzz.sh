@@ -11,14 +11,14 @@
 #
 # Seeds are generated into fuzz/seeds/TARGET (vma-format's fuzz_seeds example,
 # from the Proxmox fixtures and small archives and streams made on the spot;
-# the fuzz crate's `seeds` binary for restore_map);
+# the fuzz crate's `seeds` binary for restore_map and nbd);
 # the growing corpus is fuzz/corpus/TARGET, findings land in
 # fuzz/artifacts/TARGET. Neither is committed: a finding is turned into a
 # file under fuzz/regressions/TARGET/, which tests/fuzz_regressions.rs replays.
 # Exit status: non-zero if a target found a crash.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets_all=(header archive stream restore_map)
+targets_all=(header archive stream restore_map nbd)
 secs=${1:?usage: scripts/fuzz.sh SECONDS [TARGET…]}
 shift
 targets=("$@")
@@ -38,7 +38,7 @@ if [[ ! -d $seeds/stream ]]; then
   echo "== generating seeds into $seeds"
   (cd "$root" && cargo run -q --release -p vma-format --example fuzz_seeds -- "$seeds" "$fixtures")
 fi
-if [[ ! -d $seeds/restore_map ]]; then
+if [[ ! -d $seeds/restore_map || ! -d $seeds/nbd ]]; then
   (cd "$root/fuzz" && cargo run -q --release --bin seeds -- "$seeds")
 fi
 

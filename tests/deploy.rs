@@ -66,8 +66,10 @@ fn units_and_blockdev_line_work_as_documented() {
     /// Stopped with the unit's KillSignal (SIGTERM) however the test ends.
     struct Unit(Option<std::process::Child>);
     impl Unit {
+        #[allow(unsafe_code)]
         fn stop(&mut self) -> std::process::ExitStatus {
             let mut child = self.0.take().unwrap();
+            // SAFETY: kill(2) on our own child, not yet waited for.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             child.wait().unwrap()
         }

@@ -342,13 +342,7 @@ fn shuffled_clusters(images: &[(String, Vec<u8>)], seed: u64) -> Vec<ClusterBuf>
             clusters.push(ClusterBuf::from_raw(i as u8 + 1, n as u32, raw, valid));
         }
     }
-    let mut s = seed | 1;
-    for i in (1..clusters.len()).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        clusters.swap(i, (s % (i as u64 + 1)) as usize);
-    }
+    test_support::shuffle(&mut clusters, seed);
     clusters
 }
 

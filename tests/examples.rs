@@ -148,7 +148,9 @@ fn backup_cron_and_restore() {
     /// Stopped (SIGTERM) however the test ends.
     struct Server(std::process::Child);
     impl Drop for Server {
+        #[allow(unsafe_code)]
         fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child, not yet waited for.
             unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
             let _ = self.0.wait();
         }

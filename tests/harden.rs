@@ -305,6 +305,7 @@ fn stream_start() -> Vec<u8> {
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn signals_remove_the_temporary_archive() {
     for (sig, num) in [
         ("INT", libc::SIGINT),
@@ -449,12 +450,17 @@ fn image_formats_are_refused_as_raw_sources_and_exports() {
     let (got, want) = (fs::read(&served).unwrap(), fs::read(&qcow).unwrap());
     assert_eq!(got.len(), want.len().next_multiple_of(512));
     assert!(got[..want.len()] == want[..] && got[want.len()..].iter().all(|&b| b == 0));
-    unsafe { libc::kill(tap.0.id() as i32, libc::SIGTERM) };
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(tap.0.id() as i32, libc::SIGTERM)
+    };
     let status = tap.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn signals_remove_the_partial_images_of_an_extract() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.raw");

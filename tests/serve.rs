@@ -146,6 +146,7 @@ impl Drop for Served {
 }
 
 /// Sends SIGTERM to `child`.
+#[allow(unsafe_code)]
 fn sigterm(child: &Child) {
     // SAFETY: kill(2) with a pid we own and a valid signal number.
     let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -1080,6 +1081,7 @@ fn a_signal_while_indexing_ends_it_at_once() {
 /// seen it begin (its open of the FIFO returns only once the tool has
 /// opened it) and the signal comes mid-write, whatever the machine's speed.
 #[test]
+#[allow(unsafe_code)]
 fn a_signal_while_saving_the_index_removes_it() {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;

@@ -282,15 +282,8 @@ pub struct WatchedOutput {
 impl WatchedOutput {
     /// Starts copying to `out`, with a bar and/or `-v`'s lines.
     pub fn start(out: std::fs::File, bar: bool, verbose: bool) -> std::io::Result<WatchedOutput> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         use std::sync::atomic::{AtomicBool, Ordering};
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills both descriptors on success; each is owned once.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (read_end, input) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, input) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let mut watch = StreamProgress::new(out, bar, verbose);
         let bar = watch.bar();
         let done = std::sync::Arc::new(AtomicBool::new(false));
@@ -302,27 +295,26 @@ impl WatchedOutput {
                 let mut src = std::fs::File::from(read_end);
                 let mut buf = vec![0u8; 256 << 10];
                 loop {
-                    let mut pfd = libc::pollfd {
-                        fd: src.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
+                    let mut fds = [rustix::event::PollFd::new(
+                        &src,
+                        rustix::event::PollFlags::IN,
+                    )];
+                    let tick = rustix::event::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 100_000_000,
                     };
-                    // SAFETY: one valid pollfd.
-                    let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-                    if ready == 0 {
-                        // Nothing to copy: once the backup is over (the
-                        // server has stopped writing), the stream is done.
-                        if finished.load(Ordering::Acquire) {
-                            break;
-                        }
-                        continue;
-                    }
-                    if ready < 0 {
-                        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                        {
+                    match rustix::event::poll(&mut fds, Some(&tick)) {
+                        Ok(0) => {
+                            // Nothing to copy: once the backup is over (the
+                            // server has stopped writing), the stream is done.
+                            if finished.load(Ordering::Acquire) {
+                                break;
+                            }
                             continue;
                         }
-                        break;
+                        Ok(_) => {}
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(_) => break,
                     }
                     match src.read(&mut buf) {
                         Ok(0) => break,

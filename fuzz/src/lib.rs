@@ -261,3 +261,286 @@ pub fn restore_map_seeds() -> Vec<(&'static str, Vec<u8>)> {
         })
         .collect()
 }
+
+/// Bit 0 of the `nbd` mode byte: the input is preceded by a scripted
+/// handshake (fixed newstyle, `NBD_OPT_GO` on the default export), so that
+/// all of it is transmission-phase requests.
+pub const MODE_NBD_HANDSHAKE: u8 = 1;
+/// Bit 1 of the `nbd` mode byte (with bit 0): the scripted handshake also
+/// negotiates structured replies and the `base:allocation` context.
+pub const MODE_NBD_STRUCTURED: u8 = 2;
+
+/// Size of the `nbd` target's export: not a multiple of 4096, so requests
+/// that straddle its end are tried too.
+pub const NBD_EXPORT_SIZE: u64 = 256 * 1024 + 512;
+
+/// What reached the `nbd` target's backend (every call was inside the
+/// export: the backend panics otherwise).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NbdCalls {
+    /// `read_at` calls (a vectored read counts once per piece).
+    pub reads: u64,
+    /// `write_at` calls.
+    pub writes: u64,
+    /// `flush` calls.
+    pub flushes: u64,
+    /// `trim` calls.
+    pub trims: u64,
+    /// `write_zeroes` calls.
+    pub write_zeroes: u64,
+    /// `block_status` calls.
+    pub block_status: u64,
+    /// `cache` calls.
+    pub caches: u64,
+}
+
+/// An export held in memory that checks every call against its bounds: a
+/// request the server should have refused panics here.
+struct MemoryExport {
+    data: std::sync::Mutex<Vec<u8>>,
+    calls: std::sync::Mutex<NbdCalls>,
+}
+
+impl MemoryExport {
+    fn check(&self, what: &str, offset: u64, len: u64) {
+        let end = offset.checked_add(len);
+        assert!(
+            len > 0 && end.is_some_and(|e| e <= NBD_EXPORT_SIZE),
+            "{what} of {len} bytes at {offset} reached the backend (export of {NBD_EXPORT_SIZE})"
+        );
+    }
+
+    fn count(&self, f: impl FnOnce(&mut NbdCalls)) {
+        f(&mut self.calls.lock().unwrap());
+    }
+}
+
+impl nbd_server::Backend for MemoryExport {
+    fn size(&self) -> u64 {
+        NBD_EXPORT_SIZE
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.check("read", offset, buf.len() as u64);
+        self.count(|c| c.reads += 1);
+        let data = self.data.lock().unwrap();
+        buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> std::io::Result<()> {
+        self.check("write", offset, buf.len() as u64);
+        self.count(|c| c.writes += 1);
+        let mut data = self.data.lock().unwrap();
+        data[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.count(|c| c.flushes += 1);
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check("trim", offset, len);
+        self.count(|c| c.trims += 1);
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _flags: nbd_server::ZeroFlags,
+    ) -> std::io::Result<()> {
+        self.check("write_zeroes", offset, len);
+        self.count(|c| c.write_zeroes += 1);
+        let mut data = self.data.lock().unwrap();
+        data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd_server::Extent>> {
+        self.check("block_status", offset, len);
+        self.count(|c| c.block_status += 1);
+        // Data in the first half, a hole after: the server must clip and
+        // merge what it is given.
+        let half = NBD_EXPORT_SIZE / 2;
+        let end = offset + len;
+        let mut out = Vec::new();
+        if offset < half {
+            out.push(nbd_server::Extent::data(end.min(half) - offset));
+        }
+        if end > half {
+            out.push(nbd_server::Extent::hole(end - offset.max(half)));
+        }
+        Ok(out)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check("cache", offset, len);
+        self.count(|c| c.caches += 1);
+        Ok(())
+    }
+}
+
+/// Counts what the server writes, keeps none of it (reads of the whole
+/// export, repeated, would otherwise pile up).
+struct CountingSink<'a>(&'a mut u64);
+
+impl std::io::Write for CountingSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        *self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The client's side of the scripted handshake of [`MODE_NBD_HANDSHAKE`].
+pub fn nbd_handshake(structured: bool) -> Vec<u8> {
+    const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
+    let option = |out: &mut Vec<u8>, opt: u32, data: &[u8]| {
+        out.extend_from_slice(IHAVEOPT);
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    };
+    // Client flags: fixed newstyle, no zeroes.
+    let mut out = 3u32.to_be_bytes().to_vec();
+    if structured {
+        option(&mut out, 8, &[]); // NBD_OPT_STRUCTURED_REPLY
+        let query = b"base:allocation";
+        let mut meta = 0u32.to_be_bytes().to_vec(); // default export
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        meta.extend_from_slice(query);
+        option(&mut out, 10, &meta); // NBD_OPT_SET_META_CONTEXT
+    }
+    // NBD_OPT_GO on the default export, no information requests.
+    option(&mut out, 7, &[0, 0, 0, 0, 0, 0]);
+    out
+}
+
+/// One transmission-phase request (`payload` follows a write's header).
+pub fn nbd_request(cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&cmd.to_be_bytes());
+    out.extend_from_slice(&handle.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// One client session against an export of [`NBD_EXPORT_SIZE`] bytes held
+/// in memory: the input as the client's bytes (after the scripted handshake
+/// if the mode says so), served by `Server::serve_stream` to its end.
+/// The server's bytes go to `out`; returns what reached the backend.
+pub fn nbd_session(mode: u8, input: &[u8], out: &mut (dyn std::io::Write + Send)) -> NbdCalls {
+    let export = std::sync::Arc::new(MemoryExport {
+        data: std::sync::Mutex::new(vec![0u8; NBD_EXPORT_SIZE as usize]),
+        calls: Default::default(),
+    });
+    let mut server = nbd_server::Server::new();
+    server.add_export("disk", export.clone()).unwrap();
+    let mut client = Vec::new();
+    if mode & MODE_NBD_HANDSHAKE != 0 {
+        client = nbd_handshake(mode & MODE_NBD_STRUCTURED != 0);
+    }
+    client.extend_from_slice(input);
+    let _ = server.serve_stream(&client[..], out);
+    let calls = *export.calls.lock().unwrap();
+    calls
+}
+
+/// The NBD server's option and request parsers (handshake and
+/// transmission), over in-memory input: never a panic, never a request
+/// outside the export at the backend (see [`nbd_session`]).
+pub fn run_nbd(mode: u8, input: &[u8]) {
+    let mut sent = 0u64;
+    nbd_session(mode, input, &mut CountingSink(&mut sent));
+}
+
+/// Seeds of the `nbd` target: every command, in and out of bounds, with
+/// and without the scripted handshake, and handshakes of every option.
+pub fn nbd_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let size = NBD_EXPORT_SIZE;
+    let mut requests = Vec::new();
+    let mut h = 0u64;
+    let mut req = |cmd: u16, flags: u16, offset: u64, len: u32| {
+        h += 1;
+        let mut r = nbd_request(cmd, flags, h, offset, len);
+        if cmd == 1 {
+            r.extend(std::iter::repeat_n(0x5a, len as usize));
+        }
+        r
+    };
+    let every: Vec<u8> = [
+        req(0, 0, 0, 4096),             // READ
+        req(1, 1, 4096, 4096),          // WRITE, FUA
+        req(3, 0, 0, 0),                // FLUSH
+        req(4, 0, 8192, 4096),          // TRIM
+        req(6, 0, 65536, 65536),        // WRITE_ZEROES
+        req(6, 2, 0, 512),              // WRITE_ZEROES, NO_HOLE
+        req(7, 0, 0, size as u32),      // BLOCK_STATUS
+        req(5, 0, 0, 4096),             // CACHE
+        req(0, 0, size - 512, 512),     // READ of the last sector
+        req(0, 0, size - 512, 4096),    // READ past the end
+        req(1, 0, size, 512),           // WRITE past the end
+        req(4, 0, u64::MAX - 511, 512), // TRIM whose end overflows
+        req(2, 0, 0, 0),                // DISC
+    ]
+    .concat();
+    requests.push(("every-command", every));
+    let mut seeds = Vec::new();
+    for (name, r) in &requests {
+        for mode in [MODE_NBD_HANDSHAKE, MODE_NBD_HANDSHAKE | MODE_NBD_STRUCTURED] {
+            let mut seed = vec![mode];
+            seed.extend_from_slice(r);
+            seeds.push((*name, seed));
+        }
+        // The same with the handshake in the input, for mode 0.
+        let mut seed = vec![0];
+        seed.extend_from_slice(&nbd_handshake(true));
+        seed.extend_from_slice(r);
+        seeds.push((*name, seed));
+    }
+    // Handshakes: list, info, export name, abort, an unknown option.
+    let opt = |o: u32, data: &[u8]| {
+        let mut out = b"IHAVEOPT".to_vec();
+        out.extend_from_slice(&o.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    };
+    let flags = 3u32.to_be_bytes().to_vec();
+    let info = [0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 2, 0, 3, 0, 2];
+    let handshakes: [(&str, Vec<u8>); 4] = [
+        (
+            "list-info-abort",
+            [flags.clone(), opt(3, &[]), opt(6, &info), opt(2, &[])].concat(),
+        ),
+        ("list-meta", {
+            let mut q = 4u32.to_be_bytes().to_vec();
+            q.extend_from_slice(b"disk");
+            q.extend_from_slice(&0u32.to_be_bytes());
+            [flags.clone(), opt(8, &[]), opt(9, &q)].concat()
+        }),
+        (
+            "export-name",
+            [flags.clone(), opt(1, b"disk"), nbd_request(0, 0, 1, 0, 512)].concat(),
+        ),
+        (
+            "unknown-option",
+            [flags, opt(99, b"xyz"), opt(7, &[0, 0, 0, 0, 0, 0])].concat(),
+        ),
+    ];
+    for (name, hs) in handshakes {
+        let mut seed = vec![0];
+        seed.extend_from_slice(&hs);
+        seeds.push((name, seed));
+    }
+    seeds
+}

@@ -5,7 +5,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
-use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom as RawSeekFrom};
+use holes::HoleFinder;
+use rustix::fs::{fallocate, FallocateFlags};
 use std::io::IoSliceMut;
 
 use rustix::io::{preadv, Errno};
@@ -215,32 +216,21 @@ impl Backend for FileBackend {
             extents.push(Extent::data(end.saturating_sub(offset)));
             return Ok(extents);
         }
+        // One finder per call: writes may change the file between calls.
+        let mut holes = HoleFinder::new(&self.file, self.size);
         let mut pos = offset;
         while pos < end && extents.len() < MAX_EXTENTS {
-            let data = match seek(&self.file, RawSeekFrom::Data(pos)) {
-                Ok(d) => d,
-                // No data at or after pos: the rest is a hole.
-                Err(Errno::NXIO) => end,
-                Err(_) => {
-                    extents.push(Extent::data(end - pos));
-                    break;
-                }
+            let Ok(span) = holes.span_at(pos) else {
+                extents.push(Extent::data(end - pos));
+                break;
             };
-            if data > pos {
-                let hole_end = data.min(end);
-                extents.push(Extent::hole(hole_end - pos));
-                pos = hole_end;
-                continue;
-            }
-            let hole = match seek(&self.file, RawSeekFrom::Hole(pos)) {
-                Ok(h) => h,
-                Err(_) => end,
-            };
-            // SEEK_HOLE always finds the implicit hole at end of file, so
-            // hole > pos here; guard anyway against a lying file system.
-            let data_end = hole.clamp(pos + 1, end);
-            extents.push(Extent::data(data_end - pos));
-            pos = data_end;
+            let span_end = span.end.min(end);
+            extents.push(if span.data {
+                Extent::data(span_end - pos)
+            } else {
+                Extent::hole(span_end - pos)
+            });
+            pos = span_end;
         }
         Ok(extents)
     }

@@ -2,7 +2,7 @@
 //! connections).
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -153,6 +153,26 @@ impl Server {
     pub fn set_payload_memory(&mut self, bytes: usize) -> &mut Self {
         self.payload_memory = bytes.max(crate::MAX_PAYLOAD);
         self
+    }
+
+    /// Serves one client over `reader` and `writer` on the calling thread,
+    /// with this server's exports and payload memory, until the client
+    /// disconnects, the input ends or the connection fails. Requests are
+    /// executed in order, one at a time (no worker pool), and no timeouts
+    /// apply (they belong to sockets). For clients that are not on a
+    /// socket the server listens on: a test, the `nbd` fuzz target
+    /// (in-memory input), inetd-style service over stdin/stdout.
+    ///
+    /// # Errors
+    /// What ended the connection if it was not a clean disconnect: an I/O
+    /// error of `reader` or `writer`, or a protocol violation.
+    pub fn serve_stream<R: Read, W: Write + Send>(&self, reader: R, writer: W) -> io::Result<()> {
+        let stopping = AtomicBool::new(false);
+        let limits = Limits::new(None, self.payload_memory);
+        let kill = || {};
+        Connection::new(reader, writer, &self.exports, &stopping, &limits, &kill)
+            .serial()
+            .run(|| {})
     }
 
     /// Adds an export named `name`. Exports are listed (`NBD_OPT_LIST`) in

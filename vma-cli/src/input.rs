@@ -79,7 +79,7 @@ impl Input {
     /// it if it is compressed.
     pub fn from_reader(name: &str, mut raw: Box<dyn Read + Send>) -> io::Result<Input> {
         let mut prefix = [0u8; MAGIC_LEN];
-        let got = read_up_to(&mut raw, &mut prefix)?;
+        let got = vma_format::read_full(&mut raw, &mut prefix)?;
         let prefix = prefix[..got].to_vec();
         let compression = Compression::detect(&prefix);
         let reader: Box<dyn Read + Send> = match compression {
@@ -128,20 +128,10 @@ impl Read for Prefixed {
     }
 }
 
-fn read_up_to(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-fn pread_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads the start of `f` (from offset 0) until `buf` is full or the file
+/// ends, retrying interrupted reads; returns the bytes read. Its position is
+/// left alone.
+pub fn pread_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match f.read_at(&mut buf[got..], got as u64) {

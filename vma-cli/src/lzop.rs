@@ -89,7 +89,7 @@ impl<R: Read> LzopReader<R> {
     /// there); false at the end of the input after a complete container.
     fn next_header(&mut self) -> io::Result<bool> {
         let mut magic = [0u8; 9];
-        let got = read_up_to(&mut self.inner, &mut magic)?;
+        let got = vma_format::read_full(&mut self.inner, &mut magic)?;
         if got == 0 && self.seen_one {
             return Ok(false);
         }
@@ -152,13 +152,17 @@ impl<R: Read> LzopReader<R> {
         take(&mut self.inner, 1, &mut header)?;
         let name_len = header[at] as usize;
         take(&mut self.inner, name_len, &mut header)?;
-        let stored = self.read_u32("header cut short")?;
-        let actual = if flags & F_H_CRC32 != 0 {
-            crc32fast::hash(&header)
-        } else {
-            adler2::adler32_slice(&header)
+        // The header and its extra field are checked with CRC-32 or Adler-32,
+        // as the flags say.
+        let checksum = |bytes: &[u8]| {
+            if flags & F_H_CRC32 != 0 {
+                crc32fast::hash(bytes)
+            } else {
+                adler2::adler32_slice(bytes)
+            }
         };
-        if stored != actual {
+        let stored = self.read_u32("header cut short")?;
+        if stored != checksum(&header) {
             return Err(bad("header checksum mismatch"));
         }
         if flags & F_H_EXTRA_FIELD != 0 {
@@ -171,12 +175,7 @@ impl<R: Read> LzopReader<R> {
                 .read_exact(&mut extra)
                 .map_err(|e| cut(e, "header cut short"))?;
             let stored = self.read_u32("header cut short")?;
-            let actual = if flags & F_H_CRC32 != 0 {
-                crc32fast::hash(&extra)
-            } else {
-                adler2::adler32_slice(&extra)
-            };
-            if stored != actual {
+            if stored != checksum(&extra) {
                 return Err(bad("extra field checksum mismatch"));
             }
         }
@@ -283,20 +282,6 @@ impl<R: Read> Read for LzopReader<R> {
 
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Reads until `buf` is full or the input ends.
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 fn bad(what: impl Into<String>) -> io::Error {

@@ -206,6 +206,7 @@ impl TermSignals {
     ///
     /// # Panics
     /// In a process that called [`install`].
+    #[allow(unsafe_code)]
     pub fn block() -> TermSignals {
         claim(SERVER);
         // SAFETY: sigemptyset/sigaddset initialise the set we own;
@@ -222,6 +223,7 @@ impl TermSignals {
     }
 
     /// Waits for one of them and returns its number.
+    #[allow(unsafe_code)]
     pub fn wait(&self) -> i32 {
         let mut sig = 0;
         // SAFETY: the set was initialised in `block`; `sig` is a valid out
@@ -232,6 +234,7 @@ impl TermSignals {
 }
 
 // SAFETY: a sigset_t is plain data; sigwait only reads it.
+#[allow(unsafe_code)]
 unsafe impl Send for TermSignals {}
 
 #[cfg(test)]

@@ -99,6 +99,30 @@ impl ClusterSink for ImageSink<'_> {
         }
         Ok(Flow::Continue)
     }
+
+    /// Each device's clusters of the extent to its target at once, so runs
+    /// of data across adjacent clusters are written with one `pwrite`.
+    fn extent_clusters(
+        &mut self,
+        data: &[u8],
+        clusters: &[Cluster<'_>],
+    ) -> io::Result<(usize, Flow)> {
+        if let Some((progress, out)) = &mut self.progress {
+            for c in clusters {
+                progress.cluster(c, &mut **out)?;
+            }
+        }
+        let mut i = 0;
+        while i < clusters.len() {
+            let dev = clusters[i].dev_id;
+            let j = i + clusters[i..].iter().take_while(|c| c.dev_id == dev).count();
+            if let Some(t) = &mut self.targets[dev as usize] {
+                t.clusters(data, &clusters[i..j])?;
+            }
+            i = j;
+        }
+        Ok((clusters.len(), Flow::Continue))
+    }
 }
 
 /// A device to extract, with the names it gets.
@@ -161,7 +185,7 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
     let mut devices = Vec::new();
     for d in header.devices() {
         let what = || format!("device {}", d.id);
-        let name = check_file_name(&d.name).map_err(|why| bad(what(), why))?;
+        let name = check_file_name(&d.name).map_err(|why| bad(what(), why.to_string()))?;
         let vmstate = d.is_vmstate();
         if !vmstate
             && opts
@@ -198,7 +222,7 @@ fn plan(header: &VmaHeader, input: &str, opts: &ExtractOptions) -> Result<Plan, 
     let mut configs = Vec::new();
     for c in header.configs() {
         let what = || format!("config {}", c.slot);
-        let name = check_file_name(&c.name).map_err(|why| bad(what(), why))?;
+        let name = check_file_name(&c.name).map_err(|why| bad(what(), why.to_string()))?;
         if name.len() > NAME_MAX {
             return Err(too_long(what(), name));
         }

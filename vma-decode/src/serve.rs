@@ -18,16 +18,15 @@
 //! read; see [`crate::archive_export`].
 
 use std::fs::File;
-use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use nbd_server::{bind_unix_socket, Listener, Server, ServerHandle};
 use vma_cli::decompress::{Compression, MAGIC_LEN};
-use vma_cli::input::Input;
+use vma_cli::input::{pread_up_to, Input};
 use vma_cli::{exit, Failure};
 use vma_format::{Archive, Seekable, VmaHeader};
 
@@ -94,19 +93,6 @@ pub fn prepare(path: &str, opts: &ServeOptions) -> Result<Prepared, Failure> {
         }
     }
     prepare_cached(path, opts)
-}
-
-fn pread_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 fn no_devices(name: &str, header: &VmaHeader) -> Result<(), Failure> {

@@ -42,6 +42,8 @@ pub struct Target {
     dirty: u64,
     /// Highest byte written + 1.
     pub end: u64,
+    /// `pwrite` calls made.
+    pwrites: u64,
 }
 
 /// Writeback of what was written is started every this many bytes, so the
@@ -74,6 +76,7 @@ impl Target {
             throttle: None,
             dirty: 0,
             end: 0,
+            pwrites: 0,
         }
     }
 
@@ -99,6 +102,11 @@ impl Target {
         self.size
     }
 
+    /// `pwrite` calls made so far (data runs, and zeros written as bytes).
+    pub fn pwrites(&self) -> u64 {
+        self.pwrites
+    }
+
     /// Whether this is the RAM state.
     pub fn is_vmstate(&self) -> bool {
         self.vmstate
@@ -106,19 +114,64 @@ impl Target {
 
     /// Writes one cluster.
     pub fn cluster(&mut self, c: &Cluster<'_>) -> io::Result<()> {
-        for (block, bytes) in c.runs() {
-            let offset = c.offset() + (block * BLOCK_SIZE) as u64;
-            // The reader guarantees no block of a disk starts past its end;
-            // the last block may straddle it, so clip. The vmstate size does
-            // not bind its clusters: clip at it only a block that straddles it.
-            let len = if offset < self.size {
-                (self.size - offset).min(bytes.len() as u64)
-            } else {
-                bytes.len() as u64
-            };
-            self.pwrite(&bytes[..len as usize], offset)?;
-            self.end = self.end.max(offset + len);
+        self.clusters(c.data, std::slice::from_ref(c))
+    }
+
+    /// Writes clusters of this device that came in one extent, in slot
+    /// order, each one's data a part of `data` (see
+    /// [`ClusterSink::extent_clusters`](vma_format::ClusterSink::extent_clusters)):
+    /// a run of data blocks that follow one another both on the device and
+    /// in `data` — the stored blocks of adjacent clusters — is written with
+    /// one `pwrite`.
+    pub fn clusters(&mut self, data: &[u8], clusters: &[Cluster<'_>]) -> io::Result<()> {
+        let base = data.as_ptr() as usize;
+        // The run not yet written: device offset, start in `data`, length.
+        let mut run: Option<(u64, usize, usize)> = None;
+        for c in clusters {
+            for (block, bytes) in c.runs() {
+                let offset = c.offset() + (block * BLOCK_SIZE) as u64;
+                let at = bytes.as_ptr() as usize - base;
+                // The reader guarantees no block of a disk starts past its
+                // end; the last block may straddle it, so clip. The vmstate
+                // size does not bind its clusters: clip at it only a block
+                // that straddles it.
+                let len = if offset < self.size {
+                    (self.size - offset).min(bytes.len() as u64)
+                } else {
+                    bytes.len() as u64
+                } as usize;
+                match &mut run {
+                    Some((o, a, l)) if *o + *l as u64 == offset && *a + *l == at => *l += len,
+                    _ => {
+                        if let Some((o, a, l)) = run.take() {
+                            self.write_run(&data[a..a + l], o)?;
+                        }
+                        run = Some((offset, at, len));
+                    }
+                }
+                if len < bytes.len() {
+                    // Clipped: nothing may join it.
+                    let (o, a, l) = run.take().expect("just set");
+                    self.write_run(&data[a..a + l], o)?;
+                }
+            }
+            self.zero_gaps(c)?;
         }
+        if let Some((o, a, l)) = run {
+            self.write_run(&data[a..a + l], o)?;
+        }
+        Ok(())
+    }
+
+    fn write_run(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.pwrite(bytes, offset)?;
+        self.end = self.end.max(offset + bytes.len() as u64);
+        Ok(())
+    }
+
+    /// With `write_zeros`: gathers the zero blocks of `c` inside the device
+    /// for zeroing.
+    fn zero_gaps(&mut self, c: &Cluster<'_>) -> io::Result<()> {
         if self.write_zeros && c.mask != BlockMask::FULL && !self.vmstate {
             let allowed = BlockMask::in_device(c.cluster_num as u64, self.size);
             let mut i = 0;
@@ -207,6 +260,7 @@ impl Target {
             .write_all_at(bytes, offset)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.shown)))?;
         self.dirty += bytes.len() as u64;
+        self.pwrites += 1;
         if self.dirty >= WRITEBACK_EVERY {
             self.dirty = 0;
             start_writeback(&self.file);
@@ -218,6 +272,7 @@ impl Target {
 /// Starts writing the file's dirty pages to the device without waiting for
 /// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). Only
 /// a hint: the final fsync makes the data durable, so a failure is ignored.
+#[allow(unsafe_code)]
 fn start_writeback(file: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain system call on a descriptor we own; no memory is passed.
@@ -278,6 +333,60 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three clusters of one extent, packed one after another as the
+    /// reader hands them over: adjacent stored blocks, across clusters, go
+    /// out with one pwrite each run; the image is byte-exact.
+    #[test]
+    fn adjacent_runs_of_an_extent_are_one_pwrite() {
+        use vma_format::CLUSTER_SIZE;
+        let size = 3 * CLUSTER_SIZE as u64 - 1000;
+        // Cluster 0: blocks 14, 15; cluster 1: all; cluster 2: blocks 0, 1,
+        // then 3 (a gap), then the last block, which straddles the end.
+        let masks = [0xc000u16, 0xffff, 0b1000_0000_0000_1011];
+        let mut data = Vec::new();
+        for (n, m) in masks.iter().enumerate() {
+            for b in 0..BlockMask(*m).count() {
+                data.extend(std::iter::repeat_n((n * 16 + b) as u8 + 1, BLOCK_SIZE));
+            }
+        }
+        let mut clusters = Vec::new();
+        let mut at = 0;
+        for (n, m) in masks.iter().enumerate() {
+            let len = BlockMask(*m).data_len();
+            clusters.push(Cluster {
+                dev_id: 1,
+                cluster_num: n as u32,
+                mask: BlockMask(*m),
+                data: &data[at..at + len],
+            });
+            at += len;
+        }
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        let mut t = Target::new(file.try_clone().unwrap(), "t".into(), size, false);
+        t.clusters(&data, &clusters).unwrap();
+        // 14..=15 + 16 + 0..=1 of cluster 2: one run; block 3; block 15 (clipped).
+        assert_eq!(t.pwrites(), 3);
+        let mut want = vec![0u8; size as usize];
+        for c in &clusters {
+            let mut full = vec![0u8; CLUSTER_SIZE];
+            c.expand_into(&mut full);
+            let start = c.offset() as usize;
+            let end = (start + CLUSTER_SIZE).min(want.len());
+            want[start..end].copy_from_slice(&full[..end - start]);
+        }
+        let mut got = vec![0u8; size as usize];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == want, "image differs");
+        assert_eq!(t.end, size);
+        // One by one: a pwrite per run of each cluster.
+        let mut t = Target::new(file, "t".into(), size, false);
+        for c in &clusters {
+            t.cluster(c).unwrap();
+        }
+        assert_eq!(t.pwrites(), 5);
+    }
 
     #[test]
     fn throttle_delays_to_the_rate() {

@@ -31,11 +31,14 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use vma_cli::{exit, Failure};
 use vma_format::stream::StreamReader;
-use vma_format::{HeaderBuilder, Writer, WriterOptions, MAX_BLOB_SIZE, MAX_CONFIGS, MAX_DEVICES};
+use vma_format::{
+    ClusterSource, HeaderBuilder, PullError, Writer, WriterOptions, MAX_BLOB_SIZE, MAX_CONFIGS,
+    MAX_DEVICES,
+};
 
 use output::Output;
 use progress::Progress;
-use source::ImageSource;
+use source::{ImageSource, ImageSources};
 
 /// Device sizes are recorded rounded up to a multiple of this (Proxmox's
 /// block layer reports whole 512-byte sectors, and its restore needs them).
@@ -253,23 +256,17 @@ fn encode(
     let out = BufWriter::with_capacity(OUTPUT_BUFFER, output::Counted::new(output.file_handle()));
     let mut writer = Writer::new(out, header, options).map_err(EncodeError::output)?;
     match sources {
-        Sources::Images(images) => {
-            for (i, image) in images.iter().enumerate() {
-                image.encode(i as u8 + 1, &mut writer, progress)?;
-            }
+        Sources::Images(images) => pull_all(&mut writer, &mut ImageSources::new(&images), progress)
+            .map_err(|e| match e {
+                PullError::Source(e) => e,
+                PullError::Write(e) => EncodeError::output(e),
+            })?,
+        Sources::Stream(mut stream) => {
+            pull_all(&mut writer, &mut stream, progress).map_err(|e| match e {
+                PullError::Source(e) => Failure::format("<stdin>", &e).into(),
+                PullError::Write(e) => EncodeError::output(e),
+            })?
         }
-        Sources::Stream(mut stream) => loop {
-            let cluster = match stream.next_cluster() {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => return Err(Failure::format("<stdin>", &e).into()),
-            };
-            let (dev_id, n) = (cluster.dev_id, cluster.cluster_num as u64);
-            let zero = writer
-                .write_cluster(&cluster)
-                .map_err(EncodeError::output)?;
-            progress.clusters(dev_id, n, 1, zero);
-        },
     }
     let device_stats = writer.device_stats();
     let stats: Vec<(String, u64, u64)> = device_stats
@@ -291,6 +288,18 @@ struct Meta {
     uuid: [u8; 16],
     ctime: i64,
     configs: Vec<stats::ConfigStats>,
+}
+
+/// The encode loop: the writer pulls every piece of `source`.
+fn pull_all<W: std::io::Write, S: ClusterSource>(
+    writer: &mut Writer<W>,
+    source: &mut S,
+    progress: &mut Progress,
+) -> Result<(), PullError<S::Error>> {
+    while let Some(p) = writer.pull(source)? {
+        progress.clusters(p.dev_id, p.first, p.count, p.zero_bytes);
+    }
+    Ok(())
 }
 
 /// Opens every source and config and declares them in a header. The

@@ -10,13 +10,14 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use rustix::io::Errno;
-use vma_format::{clusters_for, Writer, CLUSTER_SIZE};
+use holes::HoleFinder;
+use vma_format::stream::StreamDevice;
+use vma_format::{clusters_for, ClusterSource, Piece, RawRoom, CLUSTER_SIZE};
 
-use crate::progress::Progress;
 use crate::{EncodeError, SECTOR};
 
 /// Clusters read with one `pread` at most (1 MiB).
@@ -91,29 +92,13 @@ impl ImageSource {
         self.path.display().to_string()
     }
 
-    /// The next range of data at or after `offset`, as (start, end), or None
-    /// if only holes follow. Where the file system cannot say (block
-    /// devices, `EINVAL`), everything from `offset` on is data.
-    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        if offset >= self.real_size {
-            return Ok(None);
-        }
+    /// Its data and holes (block devices: all data).
+    fn hole_finder(&self) -> HoleFinder<'_> {
         if self.block_device {
-            return Ok(Some((offset, self.real_size)));
+            HoleFinder::all_data(self.real_size)
+        } else {
+            HoleFinder::new(&self.file, self.real_size)
         }
-        let start = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
-            Ok(s) => s,
-            Err(Errno::NXIO) => return Ok(None),
-            Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => return Ok(Some((offset, self.real_size))),
-            Err(e) => return Err(e.into()),
-        };
-        let end = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(start)) {
-            Ok(e) => e,
-            // The file shrank since: no data here after all.
-            Err(Errno::NXIO) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Some((start, end.min(self.real_size))))
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file
@@ -131,62 +116,106 @@ impl ImageSource {
         buf[got..].fill(0);
         Ok(())
     }
+}
 
-    /// Writes every cluster of this source, as device `dev_id`, to `writer`,
-    /// in ascending order. Data is read straight into the writer's extent
-    /// buffer and packed there: the one copy is the kernel's.
-    pub fn encode<W: std::io::Write>(
-        &self,
-        dev_id: u8,
-        writer: &mut Writer<W>,
-        progress: &mut Progress,
-    ) -> Result<(), EncodeError> {
-        let clusters = clusters_for(self.size);
+/// The images of one archive as a [`ClusterSource`], device 1 first, each in
+/// ascending cluster order: holes as runs of zero clusters without a byte of
+/// I/O, data read with `pread` (up to [`CHUNK_CLUSTERS`] at a time) straight
+/// into the writer's extent buffer ([`RawRoom`]).
+pub struct ImageSources<'a> {
+    images: &'a [ImageSource],
+    /// The image being read (index), its next cluster, its holes and the
+    /// data range found last.
+    at: usize,
+    next: u64,
+    holes: Option<HoleFinder<'a>>,
+    data: Option<Range<u64>>,
+}
+
+impl<'a> ImageSources<'a> {
+    /// The images, as devices 1, 2, … in this order.
+    pub fn new(images: &'a [ImageSource]) -> ImageSources<'a> {
+        ImageSources {
+            images,
+            at: 0,
+            next: 0,
+            holes: None,
+            data: None,
+        }
+    }
+}
+
+impl ClusterSource for ImageSources<'_> {
+    type Error = EncodeError;
+
+    fn devices(&self) -> Vec<StreamDevice> {
+        self.images
+            .iter()
+            .map(|i| StreamDevice::new(i.name.clone(), i.size))
+            .collect()
+    }
+
+    fn next_piece<'p>(
+        &'p mut self,
+        room: &mut RawRoom<'_>,
+    ) -> Result<Option<Piece<'p>>, EncodeError> {
         let cs = CLUSTER_SIZE as u64;
-        let read_err =
-            |e: io::Error| EncodeError::io(&format!("{}: read failed", self.shown()), &e);
-        let mut c = 0u64;
-        let mut seg = self.next_data(0).map_err(read_err)?;
-        while c < clusters {
-            let Some((start, end)) = seg else {
-                self.zero_clusters(dev_id, c, clusters, writer, progress)?;
-                break;
+        loop {
+            let Some(image) = self.images.get(self.at) else {
+                return Ok(None);
+            };
+            let read_err =
+                |e: io::Error| EncodeError::io(&format!("{}: read failed", image.shown()), &e);
+            let clusters = clusters_for(image.size);
+            let dev_id = self.at as u8 + 1;
+            let holes = match &mut self.holes {
+                Some(h) => h,
+                None => {
+                    let mut h = image.hole_finder();
+                    self.data = h.next_data(0).map_err(read_err)?;
+                    self.next = 0;
+                    self.holes.insert(h)
+                }
+            };
+            let c = self.next;
+            if c >= clusters {
+                self.at += 1;
+                self.holes = None;
+                continue;
+            }
+            let Some(Range { start, end }) = self.data.clone() else {
+                // Only holes follow.
+                self.next = clusters;
+                return Ok(Some(zeros(dev_id, c, clusters)));
             };
             let first_data = (start / cs).min(clusters);
             if c < first_data {
-                self.zero_clusters(dev_id, c, first_data, writer, progress)?;
-                c = first_data;
+                self.next = first_data;
+                return Ok(Some(zeros(dev_id, c, first_data)));
             }
             let data_end = end.div_ceil(cs).min(clusters);
-            while c < data_end {
+            if c < data_end {
                 let want = ((data_end - c) as usize).min(CHUNK_CLUSTERS);
-                let buf = writer.raw_buffer(want).map_err(EncodeError::output)?;
+                let buf = room.clusters(want);
                 let n = buf.len() / CLUSTER_SIZE;
-                self.read_at(buf, c * cs).map_err(read_err)?;
-                let zero = writer
-                    .commit_raw(dev_id, c as u32, n)
-                    .map_err(EncodeError::output)?;
-                progress.clusters(dev_id, c, n as u64, zero);
-                c += n as u64;
+                image.read_at(buf, c * cs).map_err(read_err)?;
+                self.next = c + n as u64;
+                return Ok(Some(Piece::Raw {
+                    dev_id,
+                    first: c as u32,
+                    count: n,
+                }));
             }
-            seg = self.next_data(c * cs).map_err(read_err)?;
+            self.data = holes.next_data(c * cs).map_err(read_err)?;
         }
-        Ok(())
     }
+}
 
-    /// Clusters `from..to` lie in a hole: all zero, nothing to read.
-    fn zero_clusters<W: std::io::Write>(
-        &self,
-        dev_id: u8,
-        from: u64,
-        to: u64,
-        writer: &mut Writer<W>,
-        progress: &mut Progress,
-    ) -> Result<(), EncodeError> {
-        let zero = writer
-            .write_zero_clusters(dev_id, from as u32, to - from)
-            .map_err(EncodeError::output)?;
-        progress.clusters(dev_id, from, to - from, zero);
-        Ok(())
+/// Clusters `from..to` of `dev_id` lie in a hole: all zero, nothing to read.
+fn zeros<'p>(dev_id: u8, from: u64, to: u64) -> Piece<'p> {
+    Piece::Zeros {
+        dev_id,
+        first: from as u32,
+        count: to - from,
     }
 }

@@ -8,8 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use proptest::prelude::*;
-use vma_encode::progress::Progress;
-use vma_encode::source::ImageSource;
+use vma_encode::source::{ImageSource, ImageSources};
 use vma_format::{
     Archive, BlockMask, Cluster, ClusterSet, ClusterSink, Flow, HeaderBuilder, Writer,
     WriterOptions, CLUSTER_SIZE,
@@ -164,12 +163,14 @@ fn round_trip(path: &std::path::Path) -> (u64, Vec<u8>) {
     let mut h = HeaderBuilder::new([1; 16], 0);
     h.add_device(&src.name, src.size).unwrap();
     let mut w = Writer::new(Vec::new(), &h, WriterOptions::default()).unwrap();
-    let mut progress = Progress::new(vec![src.size], false, false);
-    src.encode(1, &mut w, &mut progress).unwrap();
+    let size = src.size;
+    let images = [src];
+    let mut source = ImageSources::new(&images);
+    while w.pull(&mut source).unwrap().is_some() {}
     let archive = w.finish().unwrap();
-    let mut image = Image(vec![0xee; src.size as usize]);
+    let mut image = Image(vec![0xee; size as usize]);
     Archive::new(&archive[..]).unwrap().run(&mut image).unwrap();
-    (src.size, image.0)
+    (size, image.0)
 }
 
 #[test]

@@ -53,6 +53,8 @@ pub fn worst(total: u64) -> impl Iterator<Item = (u8, u32)> {
         .take(total as usize)
 }
 
+/// Writes an archive of `devices` devices holding `clusters` (device, cluster)
+/// as empty clusters, every device as large as the format allows.
 pub fn write_archive(
     out: &mut impl Write,
     devices: u64,
@@ -88,6 +90,8 @@ pub fn write_archive(
     Ok(())
 }
 
+/// Writes a cluster stream of `devices` devices holding `clusters` as empty
+/// cluster records.
 pub fn write_stream(
     out: &mut impl Write,
     devices: u64,

@@ -85,6 +85,23 @@ impl BlockInfo {
     }
 }
 
+/// Why 512 bytes are not a valid extent header of an archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExtentProblem {
+    /// The first 4 bytes are not `VMAE`.
+    #[error("wrong extent magic number")]
+    Magic,
+    /// The MD5 of the header does not match.
+    #[error("header checksum mismatch")]
+    Checksum,
+    /// The uuid is not the archive's.
+    #[error("uuid differs from the archive's")]
+    Uuid,
+    /// The reserved field is not 0.
+    #[error("reserved field is {0}, not 0")]
+    Reserved(u16),
+}
+
 /// A checked extent header.
 #[derive(Clone, Debug)]
 pub struct ExtentHeader {
@@ -94,22 +111,25 @@ pub struct ExtentHeader {
 
 impl ExtentHeader {
     /// Checks 512 bytes against the archive's `uuid`: magic, MD5, uuid and
-    /// reserved field, in that order. Returns the problem as a message.
+    /// reserved field, in that order. Returns the problem found first.
     /// (Whether the slots make sense depends on the devices; the reader
     /// checks that.)
-    pub fn parse(raw: &[u8; EXTENT_HEADER_SIZE], uuid: &[u8; 16]) -> Result<ExtentHeader, String> {
+    pub fn parse(
+        raw: &[u8; EXTENT_HEADER_SIZE],
+        uuid: &[u8; 16],
+    ) -> Result<ExtentHeader, ExtentProblem> {
         if raw[..4] != EXTENT_MAGIC {
-            return Err("wrong extent magic number".into());
+            return Err(ExtentProblem::Magic);
         }
         if extent_md5(raw) != raw[OFF_MD5..OFF_MD5 + 16] {
-            return Err("header checksum mismatch".into());
+            return Err(ExtentProblem::Checksum);
         }
         if raw[OFF_UUID..OFF_UUID + 16] != uuid[..] {
-            return Err("uuid differs from the archive's".into());
+            return Err(ExtentProblem::Uuid);
         }
         let reserved = BigEndian::read_u16(&raw[OFF_RESERVED..]);
         if reserved != 0 {
-            return Err(format!("reserved field is {reserved}, not 0"));
+            return Err(ExtentProblem::Reserved(reserved));
         }
         let mut slots = [BlockInfo::default(); EXTENT_SLOTS];
         for (i, slot) in slots.iter_mut().enumerate() {
@@ -213,19 +233,19 @@ mod tests {
         assert_eq!(h.slots()[0], slots[0]);
         assert_eq!(h.data_checksum(), None);
         assert_eq!(
-            ExtentHeader::parse(&raw, &[6; 16]).unwrap_err(),
+            ExtentHeader::parse(&raw, &[6; 16]).unwrap_err().to_string(),
             "uuid differs from the archive's"
         );
         let mut bad = raw;
         bad[100] ^= 1;
         assert_eq!(
-            ExtentHeader::parse(&bad, &uuid).unwrap_err(),
+            ExtentHeader::parse(&bad, &uuid).unwrap_err().to_string(),
             "header checksum mismatch"
         );
         bad = raw;
         bad[0] = b'X';
         assert_eq!(
-            ExtentHeader::parse(&bad, &uuid).unwrap_err(),
+            ExtentHeader::parse(&bad, &uuid).unwrap_err().to_string(),
             "wrong extent magic number"
         );
     }

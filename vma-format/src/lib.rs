@@ -28,24 +28,28 @@
 
 pub mod cluster;
 pub mod clusterset;
+pub mod devices;
 pub mod error;
 pub mod extent;
 pub mod header;
 pub mod names;
 pub mod reader;
+pub mod source;
 pub mod stream;
 pub mod writer;
 pub mod zero;
 
 pub use cluster::{BlockMask, Cluster, ClusterBuf};
 pub use clusterset::ClusterSet;
+pub use devices::{DeviceTracker, Refusal};
 pub use error::{Error, ErrorClass, Location};
 pub use extent::{BlockInfo, ExtentHeader, DATA_CHECKSUM_MASK, DATA_CHECKSUM_VERSION};
 pub use header::{ConfigEntry, DeviceInfo, HeaderBuilder, VmaHeader};
 pub use reader::{
-    Archive, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster, IndexedExtent,
-    ReadOptions, Seekable, SkipData, Summary,
+    Archive, ArchiveClusters, ClusterSink, DataChecksums, Flow, IndexSink, IndexedCluster,
+    IndexedExtent, ReadOptions, Seekable, SkipData, Summary,
 };
+pub use source::{ClusterSource, Piece, PullError, Pulled, RawRoom};
 pub use writer::{Writer, WriterOptions};
 
 /// Size of a block, the unit of zero detection: 4 KiB.
@@ -86,4 +90,24 @@ pub const VMSTATE_NAME: &str = "vmstate";
 /// Clusters needed to hold `size` bytes.
 pub fn clusters_for(size: u64) -> u64 {
     size.div_ceil(CLUSTER_SIZE as u64)
+}
+
+/// Reads until `buf` is full or the input ends, retrying interrupted reads;
+/// returns the bytes read (fewer than `buf.len()` only at the end of input).
+/// The one such loop of the workspace: the header, archive and stream
+/// readers, and the input layer (`vma-cli`) use it.
+pub fn read_full<R: std::io::Read + ?Sized>(
+    input: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }

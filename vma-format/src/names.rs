@@ -19,29 +19,55 @@
 /// bidirectional controls and line or paragraph separators (see
 /// [`is_deceptive`]: U+202E would show `exe.txt` for `txt.exe`), and bytes
 /// that are not UTF-8.
-pub fn check_file_name(name: &[u8]) -> Result<&str, String> {
-    let text = std::str::from_utf8(name).map_err(|_| "name is not UTF-8".to_string())?;
+pub fn check_file_name(name: &[u8]) -> Result<&str, NameProblem> {
+    let text = std::str::from_utf8(name).map_err(|_| NameProblem::NotUtf8)?;
+    let owned = || text.to_string();
     if text.is_empty() {
-        return Err("name is empty".into());
+        return Err(NameProblem::Empty);
     }
     if text == "." || text == ".." {
-        return Err(format!("name {text:?} is a directory reference"));
+        return Err(NameProblem::DirectoryReference(owned()));
     }
     if text.contains('/') {
-        return Err(format!("name {text:?} contains '/'"));
+        return Err(NameProblem::Slash(owned()));
     }
     if text.contains('\0') {
-        return Err(format!("name {text:?} contains NUL"));
+        return Err(NameProblem::Nul(owned()));
     }
     if text.chars().any(|c| c.is_control()) {
-        return Err(format!("name {text:?} contains a control character"));
+        return Err(NameProblem::Control(owned()));
     }
     if text.chars().any(is_deceptive) {
-        return Err(format!(
-            "name {text:?} contains a bidirectional control or line separator"
-        ));
+        return Err(NameProblem::Deceptive(owned()));
     }
     Ok(text)
+}
+
+/// Why a name cannot be one file name ([`check_file_name`]); the message
+/// quotes the name as Rust's `{:?}` does.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameProblem {
+    /// Not UTF-8.
+    #[error("name is not UTF-8")]
+    NotUtf8,
+    /// Empty.
+    #[error("name is empty")]
+    Empty,
+    /// `.` or `..`.
+    #[error("name {0:?} is a directory reference")]
+    DirectoryReference(String),
+    /// Holds a `/`.
+    #[error("name {0:?} contains '/'")]
+    Slash(String),
+    /// Holds a NUL.
+    #[error("name {0:?} contains NUL")]
+    Nul(String),
+    /// Holds another control character.
+    #[error("name {0:?} contains a control character")]
+    Control(String),
+    /// Holds a character [`is_deceptive`] names.
+    #[error("name {0:?} contains a bidirectional control or line separator")]
+    Deceptive(String),
 }
 
 /// Characters that reorder or break the text around them although they are
@@ -116,15 +142,17 @@ mod tests {
             assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
-            check_file_name(b"..").unwrap_err(),
+            check_file_name(b"..").unwrap_err().to_string(),
             "name \"..\" is a directory reference"
         );
         assert_eq!(
-            check_file_name("evil\u{202e}fdp.exe".as_bytes()).unwrap_err(),
+            check_file_name("evil\u{202e}fdp.exe".as_bytes())
+                .unwrap_err()
+                .to_string(),
             "name \"evil\\u{202e}fdp.exe\" contains a bidirectional control or line separator"
         );
         assert_eq!(
-            check_file_name(b"a\nb").unwrap_err(),
+            check_file_name(b"a\nb").unwrap_err().to_string(),
             "name \"a\\nb\" contains a control character"
         );
     }

@@ -3,13 +3,14 @@
 use std::io::Write;
 
 use crate::cluster::{BlockMask, Cluster};
-use crate::clusterset::ClusterSet;
+use crate::devices::{CheckRules, DeviceTracker, Refusal, TrackedDevice};
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::header::HeaderBuilder;
-use crate::zero::pack_cluster;
+use crate::source::{ClusterSource, Piece, PullError, Pulled, RawRoom};
+use crate::zero::{pack_cluster, pack_cluster_within};
 use crate::{
-    clusters_for, BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE, EXTENT_HEADER_SIZE, VMSTATE_NAME,
+    BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE, EXTENT_HEADER_SIZE, VMSTATE_NAME,
     WRITER_CLUSTERS_PER_EXTENT,
 };
 
@@ -27,16 +28,6 @@ impl Default for WriterOptions {
             data_checksums: true,
         }
     }
-}
-
-struct DeviceState {
-    name: String,
-    size: u64,
-    clusters: u64,
-    vmstate: bool,
-    seen: ClusterSet,
-    vmstate_next: u64,
-    zero_bytes: u64,
 }
 
 /// Per-device counters of a writer.
@@ -71,7 +62,10 @@ pub struct Writer<W: Write> {
     /// Reused buffer of [`write_empty_extents`](Self::write_empty_extents).
     batch: Vec<u8>,
     uuid: [u8; 16],
-    devices: Vec<DeviceState>,
+    devices: DeviceTracker,
+    /// Device names and zero bytes written, device 1 first.
+    names: Vec<String>,
+    zero_bytes: Vec<u64>,
     options: WriterOptions,
     /// The extent being filled: 512 bytes of header room, then data.
     buf: Vec<u8>,
@@ -95,27 +89,18 @@ impl<W: Write> Writer<W> {
         let raw = header.encode()?;
         let uuid: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
         out.write_all(&raw).map_err(write_error)?;
-        let devices = header
-            .devices()
-            .iter()
-            .map(|(name, size)| {
-                let vmstate = name == VMSTATE_NAME;
-                DeviceState {
-                    name: name.clone(),
-                    size: *size,
-                    clusters: clusters_for(*size),
-                    vmstate,
-                    seen: ClusterSet::new(if vmstate { 0 } else { clusters_for(*size) }),
-                    vmstate_next: 0,
-                    zero_bytes: 0,
-                }
-            })
-            .collect();
+        let mut devices = DeviceTracker::new();
+        for (i, (name, size)) in header.devices().iter().enumerate() {
+            devices.declare(i as u8 + 1, *size, name == VMSTATE_NAME);
+        }
+        let names: Vec<String> = header.devices().iter().map(|(n, _)| n.clone()).collect();
         Ok(Writer {
             out,
             batch: Vec::new(),
             uuid,
             devices,
+            zero_bytes: vec![0; names.len()],
+            names,
             options,
             buf: vec![0u8; EXTENT_HEADER_SIZE + WRITER_CLUSTERS_PER_EXTENT * CLUSTER_SIZE],
             used: 0,
@@ -140,10 +125,10 @@ impl<W: Write> Writer<W> {
             )));
         }
         let dev = self.check(dev_id, cluster_num)?;
-        let valid = if dev.vmstate {
+        let valid = if dev.is_vmstate() {
             raw.len()
         } else {
-            (dev.size - cluster_num as u64 * CLUSTER_SIZE as u64).min(raw.len() as u64) as usize
+            (dev.size() - cluster_num as u64 * CLUSTER_SIZE as u64).min(raw.len() as u64) as usize
         };
         self.make_room()?;
         let start = EXTENT_HEADER_SIZE + self.used;
@@ -164,25 +149,39 @@ impl<W: Write> Writer<W> {
                 mask.count()
             )));
         }
-        let dev = self.check(dev_id, n)?;
-        let tail = if dev.vmstate {
-            None
-        } else {
-            let allowed = BlockMask::in_device(n as u64, dev.size);
-            if mask.0 & !allowed.0 != 0 {
-                return Err(Error::invalid(format!(
-                    "cluster {n} of {}: mask {:#06x} names blocks past the device end",
-                    dev.name, mask.0
-                )));
-            }
-            let end_in_cluster = dev.size - n as u64 * CLUSTER_SIZE as u64;
-            (end_in_cluster < CLUSTER_SIZE as u64
-                && !end_in_cluster.is_multiple_of(BLOCK_SIZE as u64))
-            .then_some(end_in_cluster as usize)
-        };
+        let tail = self.check_packed(dev_id, n, mask)?;
         self.make_room()?;
         let start = EXTENT_HEADER_SIZE + self.used;
         self.buf[start..start + cluster.data.len()].copy_from_slice(cluster.data);
+        Ok(self.commit_packed(dev_id, n, mask, tail))
+    }
+
+    /// Checks that packed cluster `n` of `dev_id` with `mask` may be
+    /// written now; returns where the device ends inside it, if inside a
+    /// block (that block's bytes past the end must be zeroed).
+    fn check_packed(&self, dev_id: u8, n: u32, mask: BlockMask) -> Result<Option<usize>, Error> {
+        let dev = self.check(dev_id, n)?;
+        if dev.is_vmstate() {
+            return Ok(None);
+        }
+        if !dev.mask_fits(n as u64, mask) {
+            return Err(Error::invalid(format!(
+                "cluster {n} of {}: mask {:#06x} names blocks past the device end",
+                self.name(dev_id),
+                mask.0
+            )));
+        }
+        let end_in_cluster = dev.size() - n as u64 * CLUSTER_SIZE as u64;
+        Ok((end_in_cluster < CLUSTER_SIZE as u64
+            && !end_in_cluster.is_multiple_of(BLOCK_SIZE as u64))
+        .then_some(end_in_cluster as usize))
+    }
+
+    /// Commits the packed cluster whose data lies at the end of the extent
+    /// being filled, zeroing the bytes past the device end (`tail`, from
+    /// [`check_packed`](Self::check_packed)).
+    fn commit_packed(&mut self, dev_id: u8, n: u32, mask: BlockMask, tail: Option<usize>) -> u64 {
+        let start = EXTENT_HEADER_SIZE + self.used;
         if let Some(end) = tail {
             // The block holding the device end: zero what lies past the end.
             let block = end / BLOCK_SIZE;
@@ -193,7 +192,7 @@ impl<W: Write> Writer<W> {
                 self.buf[at..block_end].fill(0);
             }
         }
-        Ok(self.commit(dev_id, n, mask, cluster.data.len()))
+        self.commit(dev_id, n, mask, mask.data_len())
     }
 
     /// Room for up to `max` (at least 1) raw clusters at the end of the
@@ -236,7 +235,7 @@ impl<W: Write> Writer<W> {
         }
         let (size, vmstate) = {
             let dev = self.check(dev_id, first)?;
-            (dev.size, dev.vmstate)
+            (dev.size(), dev.is_vmstate())
         };
         if !vmstate {
             // The whole range must be inside the device and not written yet
@@ -256,29 +255,63 @@ impl<W: Write> Writer<W> {
             } else {
                 (size - n as u64 * CLUSTER_SIZE as u64).min(CLUSTER_SIZE as u64) as usize
             };
-            let mut mask = 0u16;
-            let mut used = 0;
-            for b in 0..BLOCKS_PER_CLUSTER {
-                let start = b * BLOCK_SIZE;
-                if start >= valid {
-                    break;
-                }
-                let end = (start + BLOCK_SIZE).min(valid);
-                if crate::zero::is_zero_block(&self.buf[src + start..src + end]) {
-                    continue;
-                }
-                mask |= 1 << b;
-                // dst + used <= src + start: moving down never overwrites
-                // blocks still to be looked at.
-                if dst + used != src + start {
-                    self.buf.copy_within(src + start..src + end, dst + used);
-                }
-                self.buf[dst + used + (end - start)..dst + used + BLOCK_SIZE].fill(0);
-                used += BLOCK_SIZE;
-            }
-            zero += self.commit(dev_id, n, BlockMask(mask), used);
+            let (mask, used) = pack_cluster_within(&mut self.buf, src, dst, valid);
+            zero += self.commit(dev_id, n, mask, used);
         }
         Ok(zero)
+    }
+
+    /// Pulls the next piece from `source` and writes it: the writer drives,
+    /// the source only says what comes next (and may read raw clusters
+    /// straight into the extent buffer, see [`RawRoom`]). Returns what was
+    /// written, or `None` once the source is exhausted; call
+    /// [`finish`](Self::finish) then. The whole encode loop is
+    /// `while let Some(p) = writer.pull(&mut source)? { … }`.
+    pub fn pull<S: ClusterSource + ?Sized>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Option<Pulled>, PullError<S::Error>> {
+        if self.failed {
+            return Err(PullError::Write(Error::invalid("writer failed earlier")));
+        }
+        self.make_room().map_err(PullError::Write)?;
+        let start = EXTENT_HEADER_SIZE + self.used;
+        let free = (WRITER_CLUSTERS_PER_EXTENT - self.slots.len()) * CLUSTER_SIZE;
+        let mut room = RawRoom {
+            buf: &mut self.buf[start..start + free],
+        };
+        let piece = source.next_piece(&mut room).map_err(PullError::Source)?;
+        // (device, first cluster, clusters, what writing them returned)
+        let (dev_id, first, count, written) = match piece {
+            None => return Ok(None),
+            Some(Piece::Cluster(c)) => (c.dev_id, c.cluster_num, 1, self.write_cluster(&c)),
+            Some(Piece::Packed {
+                dev_id,
+                cluster_num: n,
+                mask,
+            }) => {
+                let written = self
+                    .check_packed(dev_id, n, mask)
+                    .map(|tail| self.commit_packed(dev_id, n, mask, tail));
+                (dev_id, n, 1, written)
+            }
+            Some(Piece::Zeros {
+                dev_id: d,
+                first: f,
+                count: k,
+            }) => (d, f, k, self.write_zero_clusters(d, f, k)),
+            Some(Piece::Raw {
+                dev_id: d,
+                first: f,
+                count: k,
+            }) => (d, f, k as u64, self.commit_raw(d, f, k)),
+        };
+        Ok(Some(Pulled {
+            dev_id,
+            first: first as u64,
+            count,
+            zero_bytes: written.map_err(PullError::Write)?,
+        }))
     }
 
     /// Writes clusters `first .. first + count` of `dev_id` as all-zero
@@ -298,7 +331,7 @@ impl<W: Write> Writer<W> {
         }
         let dev = self.check(dev_id, first)?;
         let end = first as u64 + count;
-        if dev.vmstate {
+        if dev.is_vmstate() {
             for n in first as u64..end {
                 let n =
                     u32::try_from(n).map_err(|_| Error::invalid("cluster numbers past 2^32"))?;
@@ -311,24 +344,21 @@ impl<W: Write> Writer<W> {
             }
             return Ok(count * CLUSTER_SIZE as u64);
         }
-        if end > dev.clusters {
-            return Err(Error::invalid(format!(
-                "cluster {} is past the end of {} ({} clusters)",
+        if end > dev.clusters() {
+            return Err(self.refusal(
+                dev_id,
                 end - 1,
-                dev.name,
-                dev.clusters
-            )));
+                Refusal::PastEnd {
+                    clusters: dev.clusters(),
+                },
+            ));
         }
-        if let Some(n) = dev.seen.first_in(first as u64..end) {
-            return Err(Error::invalid(format!(
-                "cluster {n} of {} written twice",
-                dev.name
-            )));
+        if let Some(n) = self.devices.first_seen_in(dev_id, first as u64..end) {
+            return Err(self.refusal(dev_id, n, Refusal::Duplicate));
         }
-        let dev = &mut self.devices[dev_id as usize - 1];
-        dev.seen.insert_range(first as u64..end);
+        self.devices.record_range(dev_id, first as u64..end);
         let zero = count * CLUSTER_SIZE as u64;
-        dev.zero_bytes += zero;
+        self.zero_bytes[dev_id as usize - 1] += zero;
         let mut n = first as u64;
         while n < end {
             self.make_room()?;
@@ -404,33 +434,42 @@ impl<W: Write> Writer<W> {
     }
 
     /// Checks that (dev_id, cluster_num) may be written now.
-    fn check(&self, dev_id: u8, n: u32) -> Result<&DeviceState, Error> {
+    fn check(&self, dev_id: u8, n: u32) -> Result<&TrackedDevice, Error> {
         if self.failed {
             return Err(Error::invalid("writer failed earlier"));
         }
-        let dev = dev_id
-            .checked_sub(1)
-            .and_then(|i| self.devices.get(i as usize))
-            .ok_or_else(|| Error::invalid(format!("device {dev_id} is not declared")))?;
-        if dev.vmstate {
-            if n as u64 != dev.vmstate_next {
-                return Err(Error::invalid(format!(
-                    "{} cluster {n} out of order (expected {})",
-                    dev.name, dev.vmstate_next
-                )));
+        self.devices
+            .check(dev_id, n as u64, None, CheckRules::default())
+            .map_err(|r| self.refusal(dev_id, n as u64, r))
+    }
+
+    /// The writer's words for refusing cluster `n` of `dev_id`.
+    fn refusal(&self, dev_id: u8, n: u64, refusal: Refusal) -> Error {
+        let name = || self.name(dev_id);
+        Error::invalid(match refusal {
+            Refusal::Undeclared => format!("device {dev_id} is not declared"),
+            Refusal::OutOfOrder { expected } => {
+                format!("{} cluster {n} out of order (expected {expected})", name())
             }
-        } else if n as u64 >= dev.clusters {
-            return Err(Error::invalid(format!(
-                "cluster {n} is past the end of {} ({} clusters)",
-                dev.name, dev.clusters
-            )));
-        } else if dev.seen.contains(n as u64) {
-            return Err(Error::invalid(format!(
-                "cluster {n} of {} written twice",
-                dev.name
-            )));
-        }
-        Ok(dev)
+            Refusal::PastEnd { clusters } => {
+                format!(
+                    "cluster {n} is past the end of {} ({clusters} clusters)",
+                    name()
+                )
+            }
+            Refusal::Duplicate => format!("cluster {n} of {} written twice", name()),
+            Refusal::MaskPastEnd => {
+                format!(
+                    "cluster {n} of {}: names blocks past the device end",
+                    name()
+                )
+            }
+        })
+    }
+
+    /// Name of declared device `dev_id`.
+    fn name(&self, dev_id: u8) -> &str {
+        &self.names[dev_id as usize - 1]
     }
 
     /// Flushes the extent if it already holds 58 clusters.
@@ -453,14 +492,9 @@ impl<W: Write> Writer<W> {
             dev_id,
             cluster_num: n,
         });
-        let dev = &mut self.devices[dev_id as usize - 1];
-        if dev.vmstate {
-            dev.vmstate_next += 1;
-        } else {
-            dev.seen.insert(n as u64);
-        }
+        self.devices.record(dev_id, n as u64);
         let zero = (BLOCKS_PER_CLUSTER - mask.count()) as u64 * BLOCK_SIZE as u64;
-        dev.zero_bytes += zero;
+        self.zero_bytes[dev_id as usize - 1] += zero;
         zero
     }
 
@@ -495,16 +529,13 @@ impl<W: Write> Writer<W> {
     /// Per-device counters so far, device 1 first.
     pub fn device_stats(&self) -> Vec<DeviceStats> {
         self.devices
-            .iter()
-            .map(|d| DeviceStats {
-                name: d.name.clone(),
-                size: d.size,
-                clusters_written: if d.vmstate {
-                    d.vmstate_next
-                } else {
-                    d.seen.count()
-                },
-                zero_bytes: d.zero_bytes,
+            .declared()
+            .zip(self.names.iter().zip(&self.zero_bytes))
+            .map(|((_, d), (name, zero_bytes))| DeviceStats {
+                name: name.clone(),
+                size: d.size(),
+                clusters_written: d.accepted(),
+                zero_bytes: *zero_bytes,
             })
             .collect()
     }
@@ -519,15 +550,14 @@ impl<W: Write> Writer<W> {
     /// device and cluster missing. An archive without any cluster still gets
     /// one empty extent, as Proxmox's writer does.
     pub fn finish(mut self) -> Result<W, Error> {
-        for dev in &self.devices {
-            if let Some(first) = dev.seen.first_missing() {
+        for ((_, dev), name) in self.devices.declared().zip(&self.names) {
+            if let Some(first) = dev.first_missing() {
                 return Err(Error::damaged(
                     Some(Location::End),
                     format!(
-                        "{}: cluster {first} missing ({} of {} clusters missing)",
-                        dev.name,
-                        dev.seen.missing_count(),
-                        dev.clusters
+                        "{name}: cluster {first} missing ({} of {} clusters missing)",
+                        dev.seen().missing_count(),
+                        dev.clusters()
                     ),
                 ));
             }

@@ -30,7 +30,54 @@ pub fn is_zero(bytes: &[u8]) -> bool {
 ///
 /// `out` must hold the stored blocks: 64 KiB always suffices.
 pub fn pack_cluster(raw: &[u8], valid: usize, out: &mut [u8]) -> (BlockMask, usize) {
-    let valid = valid.min(raw.len()).min(CLUSTER_SIZE);
+    let valid = valid.min(raw.len());
+    pack_blocks(valid, |block, used| {
+        let bytes = &raw[block];
+        if is_zero_block(bytes) {
+            return false;
+        }
+        out[used..used + bytes.len()].copy_from_slice(bytes);
+        out[used + bytes.len()..used + BLOCK_SIZE].fill(0);
+        true
+    })
+}
+
+/// Packs one cluster in place: the raw cluster at `buf[src..src + 65536]`
+/// becomes its non-zero blocks, in order, from `buf[dst..]` (`dst <= src`,
+/// so moving a block down never overwrites one still to be looked at).
+/// `valid` as in [`pack_cluster`]; the same mask and bytes as it, without a
+/// second buffer.
+pub fn pack_cluster_within(
+    buf: &mut [u8],
+    src: usize,
+    dst: usize,
+    valid: usize,
+) -> (BlockMask, usize) {
+    debug_assert!(dst <= src);
+    pack_blocks(valid, |block, used| {
+        let (start, len) = (src + block.start, block.len());
+        if is_zero_block(&buf[start..start + len]) {
+            return false;
+        }
+        if dst + used != start {
+            buf.copy_within(start..start + len, dst + used);
+        }
+        buf[dst + used + len..dst + used + BLOCK_SIZE].fill(0);
+        true
+    })
+}
+
+/// The packing loop both packers share: for each block of a cluster that
+/// starts before `valid` (at most 64 KiB), `keep(bytes of the block inside
+/// the device, bytes stored so far)` stores it and says true, or says false
+/// for a zero block. Returns the mask of the blocks kept and the bytes they
+/// take (whole blocks).
+#[inline(always)]
+fn pack_blocks(
+    valid: usize,
+    mut keep: impl FnMut(std::ops::Range<usize>, usize) -> bool,
+) -> (BlockMask, usize) {
+    let valid = valid.min(CLUSTER_SIZE);
     let mut mask = 0u16;
     let mut used = 0;
     for i in 0..BLOCKS_PER_CLUSTER {
@@ -38,15 +85,10 @@ pub fn pack_cluster(raw: &[u8], valid: usize, out: &mut [u8]) -> (BlockMask, usi
         if start >= valid {
             break;
         }
-        let end = (start + BLOCK_SIZE).min(valid);
-        let block = &raw[start..end];
-        if is_zero_block(block) {
-            continue;
+        if keep(start..(start + BLOCK_SIZE).min(valid), used) {
+            mask |= 1 << i;
+            used += BLOCK_SIZE;
         }
-        mask |= 1 << i;
-        out[used..used + block.len()].copy_from_slice(block);
-        out[used + block.len()..used + BLOCK_SIZE].fill(0);
-        used += BLOCK_SIZE;
     }
     (BlockMask(mask), used)
 }
@@ -59,26 +101,8 @@ pub fn pack_cluster(raw: &[u8], valid: usize, out: &mut [u8]) -> (BlockMask, usi
 /// `buf[..mask.data_len()]`. Saves the copy into a second buffer for a
 /// producer that reads straight into the buffer it hands on.
 pub fn pack_cluster_in_place(buf: &mut [u8], valid: usize) -> BlockMask {
-    let valid = valid.min(buf.len()).min(CLUSTER_SIZE);
-    let mut mask = 0u16;
-    let mut used = 0;
-    for i in 0..BLOCKS_PER_CLUSTER {
-        let start = i * BLOCK_SIZE;
-        if start >= valid {
-            break;
-        }
-        let end = (start + BLOCK_SIZE).min(valid);
-        if is_zero_block(&buf[start..end]) {
-            continue;
-        }
-        mask |= 1 << i;
-        if used != start {
-            buf.copy_within(start..end, used);
-        }
-        buf[used + (end - start)..used + BLOCK_SIZE].fill(0);
-        used += BLOCK_SIZE;
-    }
-    BlockMask(mask)
+    let valid = valid.min(buf.len());
+    pack_cluster_within(buf, 0, 0, valid).0
 }
 
 #[cfg(test)]

@@ -239,6 +239,7 @@ fn note(delta: isize) {
 
 // SAFETY: every call is passed on to the system allocator unchanged; the
 // bookkeeping allocates nothing (const-initialised thread-locals).
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);

@@ -172,6 +172,11 @@ pub(crate) struct Connection<'a, R: Read, W: Write> {
     /// Shuts the connection down at once (both directions): called when a
     /// reply could only be cut short, so the client does not wait for it.
     kill: &'a (dyn Fn() + Sync),
+    /// Execute requests one by one on the connection's own thread, in
+    /// order, instead of on the worker pool ([`Server::serve_stream`]).
+    ///
+    /// [`Server::serve_stream`]: crate::Server::serve_stream
+    serial: bool,
 }
 
 impl<'a, R: Read, W: Write + Send> Connection<'a, R, W> {
@@ -200,7 +205,15 @@ impl<'a, R: Read, W: Write + Send> Connection<'a, R, W> {
             out: Vec::with_capacity(4096),
             limits,
             kill,
+            serial: false,
         }
+    }
+
+    /// Requests are executed in order on the connection's own thread, no
+    /// worker pool (for [`crate::Server::serve_stream`]).
+    pub(crate) fn serial(mut self) -> Self {
+        self.serial = true;
+        self
     }
 
     /// Makes `buf` `len` bytes long, counting what it allocates.

@@ -133,7 +133,7 @@ pub(super) struct Work<'a, W: Write> {
 impl<W: Write> Work<'_, W> {
     /// Executes `job` and sends its reply; `scratch` is the worker's own
     /// buffer for block-status replies.
-    fn execute(&self, job: Job<'_>, scratch: &mut Vec<u8>) {
+    pub(super) fn execute(&self, job: Job<'_>, scratch: &mut Vec<u8>) {
         let backend = self.backend;
         let (handle, result): (u64, Result<(), Failure>) = match job {
             Job::Read {

@@ -57,6 +57,7 @@ impl<Rd: Read, W: Write + Send> Connection<'_, Rd, W> {
             meta_export,
             limits,
             kill,
+            serial,
             ..
         } = self;
         let backend: &dyn Backend = &*exports[export].backend;
@@ -74,6 +75,7 @@ impl<Rd: Read, W: Write + Send> Connection<'_, Rd, W> {
             backend,
             block_status_ok: meta_export == Some(export),
         };
+        let mut scratch = Vec::new();
         thread::scope(|s| {
             let result = loop {
                 if replies.is_broken() {
@@ -86,6 +88,7 @@ impl<Rd: Read, W: Write + Send> Connection<'_, Rd, W> {
                 match next {
                     Next::End => break Ok(()),
                     Next::Refuse(handle, f) => replies.send_error(handle, &f),
+                    Next::Run(job) if serial => work.execute(job, &mut scratch),
                     Next::Run(job) => {
                         if pool.push(job) {
                             let started = thread::Builder::new()

@@ -282,6 +282,34 @@ impl Raw {
 
     /// Reads a structured or simple reply to a non-read command and returns
     /// its error value (0 on success), checking the handle.
+    /// The next reply to a non-read command, whichever request it answers:
+    /// (handle, error value). Simple, or one final structured chunk (NONE
+    /// or an error). Replies to pipelined requests may come in any order.
+    pub fn any_reply(&mut self) -> (u64, u32) {
+        let magic = self.read_n(4);
+        if magic == SIMPLE_REPLY_MAGIC.to_be_bytes() {
+            let r = self.read_n(12);
+            let error = u32::from_be_bytes(r[..4].try_into().unwrap());
+            return (u64::from_be_bytes(r[4..12].try_into().unwrap()), error);
+        }
+        assert_eq!(magic, STRUCTURED_REPLY_MAGIC.to_be_bytes(), "reply magic");
+        let h = self.read_n(16);
+        assert_eq!(
+            u16::from_be_bytes([h[0], h[1]]),
+            1,
+            "single final chunk expected"
+        );
+        let handle = u64::from_be_bytes(h[4..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let payload = self.read_n(len as usize);
+        let error = if payload.len() >= 4 {
+            u32::from_be_bytes(payload[..4].try_into().unwrap())
+        } else {
+            0
+        };
+        (handle, error)
+    }
+
     pub fn status(&mut self, handle: u64) -> u32 {
         let mut magic = [0u8; 4];
         self.s.read_exact(&mut magic).unwrap();

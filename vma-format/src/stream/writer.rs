@@ -1,0 +1,164 @@
+//! [`StreamWriter`]: writes a cluster stream.
+
+use std::io::{self, BufWriter, Write};
+
+use super::{
+    check_devices, record_header, StreamDevice, IO_BUFFER, MAGIC, MAX_ABORT_REASON,
+    PREAMBLE_FIXED_SIZE, RECORD_ABORT, RECORD_CLUSTER, RECORD_END, RECORD_HEADER_SIZE, VERSION,
+};
+use crate::cluster::Cluster;
+use crate::clusters_for;
+use crate::error::Error;
+
+/// Writes a cluster stream to `W`.
+///
+/// The preamble is written at once; then [`write_cluster`](Self::write_cluster)
+/// for each cluster, in any order; then [`finish`](Self::finish) (the end
+/// record) or [`abort`](Self::abort). Dropping the writer without either
+/// leaves a stream that every reader refuses as truncated.
+///
+/// Output is buffered (256 KiB); it reaches `W` when the buffer fills and at
+/// `finish`/`abort`.
+pub struct StreamWriter<W: Write> {
+    out: BufWriter<W>,
+    devices: Vec<StreamDevice>,
+    counts: Vec<u64>,
+    failed: bool,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Writes the preamble: `backup_time` (seconds since the epoch) and the
+    /// devices, which get ids 1, 2, … in this order. Refused (as
+    /// [`ErrorClass::Invalid`](crate::ErrorClass)): more than 254 devices,
+    /// an unsafe, overlong or repeated name, size 0 or over
+    /// [`MAX_DEVICE_SIZE`].
+    pub fn new(
+        out: W,
+        backup_time: i64,
+        devices: &[StreamDevice],
+    ) -> Result<StreamWriter<W>, Error> {
+        check_devices(devices).map_err(Error::invalid)?;
+        let mut pre = Vec::with_capacity(PREAMBLE_FIXED_SIZE + 4);
+        pre.extend_from_slice(&MAGIC);
+        pre.extend_from_slice(&VERSION.to_be_bytes());
+        pre.extend_from_slice(&0u16.to_be_bytes());
+        pre.extend_from_slice(&backup_time.to_be_bytes());
+        pre.extend_from_slice(&(devices.len() as u16).to_be_bytes());
+        for d in devices {
+            pre.extend_from_slice(&d.size.to_be_bytes());
+            pre.extend_from_slice(&(d.name.len() as u16).to_be_bytes());
+            pre.extend_from_slice(d.name.as_bytes());
+        }
+        let crc = crc32fast::hash(&pre);
+        pre.extend_from_slice(&crc.to_be_bytes());
+        let mut out = BufWriter::with_capacity(IO_BUFFER, out);
+        out.write_all(&pre).map_err(write_error)?;
+        Ok(StreamWriter {
+            out,
+            counts: vec![0; devices.len()],
+            devices: devices.to_vec(),
+            failed: false,
+        })
+    }
+
+    /// Writes one cluster record. Refused: an undeclared device, a cluster
+    /// past the device end (but for `vmstate`), data that is not
+    /// `mask.count() * 4096` bytes. Not checked here (the reader does): a
+    /// cluster sent twice.
+    pub fn write_cluster(&mut self, cluster: &Cluster<'_>) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::invalid("stream writer failed earlier"));
+        }
+        let dev = cluster
+            .dev_id
+            .checked_sub(1)
+            .and_then(|i| self.devices.get(i as usize))
+            .ok_or_else(|| Error::invalid(format!("device {} is not declared", cluster.dev_id)))?;
+        if !dev.is_vmstate() && cluster.cluster_num as u64 >= clusters_for(dev.size) {
+            return Err(Error::invalid(format!(
+                "cluster {} is past the end of {}",
+                cluster.cluster_num, dev.name
+            )));
+        }
+        if cluster.data.len() != cluster.mask.data_len() {
+            return Err(Error::invalid(format!(
+                "cluster {} of {}: {} data bytes for {} blocks",
+                cluster.cluster_num,
+                dev.name,
+                cluster.data.len(),
+                cluster.mask.count()
+            )));
+        }
+        let head = record_header(
+            RECORD_CLUSTER,
+            cluster.dev_id,
+            cluster.mask.0,
+            cluster.cluster_num,
+            cluster.data.len() as u32,
+        );
+        self.counts[cluster.dev_id as usize - 1] += 1;
+        self.write_record(&head, cluster.data)
+    }
+
+    fn write_record(&mut self, head: &[u8; RECORD_HEADER_SIZE], body: &[u8]) -> Result<(), Error> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(head);
+        crc.update(body);
+        let crc = crc.finalize().to_be_bytes();
+        let res = self
+            .out
+            .write_all(head)
+            .and_then(|_| self.out.write_all(body))
+            .and_then(|_| self.out.write_all(&crc));
+        res.map_err(|e| {
+            self.failed = true;
+            write_error(e)
+        })
+    }
+
+    /// Cluster records written so far for each device, device 1 first.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// Writes the end record (the per-device record counts) and flushes.
+    pub fn finish(mut self) -> Result<W, Error> {
+        let mut body = Vec::with_capacity(8 * self.counts.len());
+        for c in &self.counts {
+            body.extend_from_slice(&c.to_be_bytes());
+        }
+        let head = record_header(
+            RECORD_END,
+            0,
+            self.counts.len() as u16,
+            0,
+            body.len() as u32,
+        );
+        self.write_record(&head, &body)?;
+        self.into_inner()
+    }
+
+    /// Writes an abort record with `reason` (cut to [`MAX_ABORT_REASON`]
+    /// bytes at a character boundary) and flushes: the consumer fails with
+    /// this reason.
+    pub fn abort(mut self, reason: &str) -> Result<W, Error> {
+        let mut end = reason.len().min(MAX_ABORT_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let body = &reason.as_bytes()[..end];
+        let head = record_header(RECORD_ABORT, 0, 0, 0, body.len() as u32);
+        self.write_record(&head, body)?;
+        self.into_inner()
+    }
+
+    fn into_inner(self) -> Result<W, Error> {
+        self.out
+            .into_inner()
+            .map_err(|e| write_error(e.into_error()))
+    }
+}
+
+fn write_error(e: io::Error) -> Error {
+    Error::io(None, "write failed", e)
+}
