@@ -150,7 +150,7 @@ fn backup_cron_and_restore() {
     impl Drop for Server {
         #[allow(unsafe_code)]
         fn drop(&mut self) {
-            // SAFETY: kill(2) on our own child, not yet waited for.
+            // SAFETY: kill(2) with a pid and a signal number touches no memory.
             unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
             let _ = self.0.wait();
         }
