@@ -18,6 +18,22 @@ Examples:
 
 ";
 
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  cbw-tap serve --socket /run/cbw-tap/100/nbd.sock drive-scsi0=/dev/pve/vm-100-disk-0 drive-scsi1=/dev/pve/vm-100-disk-1
+  qemu-system-x86_64 … -blockdev driver=nbd,server.type=unix,server.path=/run/cbw-tap/100/nbd.sock,export=drive-scsi0,node-name=d0,reconnect-delay=30 -device virtio-blk-pci,drive=d0
+  nbdinfo --list 'nbd+unix:///?socket=/run/cbw-tap/100/nbd.sock'
+
+Running it as a systemd service, and a Proxmox VM's args: line: docs/DEPLOY.md.";
+
+const BACKUP_EXAMPLES: &str = "\
+Examples:
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl | vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf - | zstd > vm100.vma.zst
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
+  cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
+
+A nightly job with retention and verification: examples/backup-cron.sh.";
+
 /// Live point-in-time backups of disks in use: serves images over NBD with
 /// copy-before-write, and streams backups of all of them taken at one
 /// instant as a cluster stream for `vma-encode -`.
@@ -37,6 +53,7 @@ pub enum Cmd {
     /// Clients: qemu-io -f raw 'nbd+unix:///NAME?socket=PATH', QEMU's
     /// -blockdev driver=nbd,server.type=unix,server.path=PATH,export=NAME,
     /// nbdinfo, nbdcopy.
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve {
         /// NBD Unix socket to create (mode 0600).
         #[arg(long, value_name = "PATH")]
@@ -64,6 +81,7 @@ pub enum Cmd {
     /// Exits 0 only if the stream was finished cleanly; otherwise the stream
     /// ends with an abort record (if it could still be written) or is cut
     /// short, and vma-encode fails too.
+    #[command(after_help = BACKUP_EXAMPLES)]
     Backup {
         /// The server's control socket.
         #[arg(long, value_name = "PATH")]
