@@ -75,11 +75,18 @@ cbw-tap backup "${args[@]}" 2>"$logs/backup" \
   | vma-encode -c "qemu-server.conf=$config" - 2>"$logs/encode" \
   | zstd -q -"${ZSTD_LEVEL:-3}" -c > "$partial" 2>"$logs/zstd"
 status=("${PIPESTATUS[@]}")
-# The first stage that failed is the cause (a failed backup makes
-# vma-encode fail too).
-[ "${status[0]}" = 0 ] || fail "cbw-tap backup (exit ${status[0]})" "$logs/backup"
-[ "${status[1]}" = 0 ] || fail "vma-encode (exit ${status[1]})" "$logs/encode"
-[ "${status[2]}" = 0 ] || fail "zstd (exit ${status[2]})" "$logs/zstd"
+# Name the stage that caused the failure: a stage downstream that failed
+# makes the ones before it fail too (the consumer is gone), and a failed
+# backup makes vma-encode fail (the stream is aborted or cut short).
+if [ "${status[2]}" != 0 ]; then
+  fail "zstd (exit ${status[2]})" "$logs/zstd"
+elif [ "${status[1]}" != 0 ] && { [ "${status[0]}" = 0 ] || grep -q 'the consumer is gone' "$logs/backup"; }; then
+  fail "vma-encode (exit ${status[1]})" "$logs/encode"
+elif [ "${status[0]}" != 0 ]; then
+  fail "cbw-tap backup (exit ${status[0]})" "$logs/backup"
+elif [ "${status[1]}" != 0 ]; then
+  fail "vma-encode (exit ${status[1]})" "$logs/encode"
+fi
 sync -f "$partial" 2>/dev/null || true
 
 vma-verify -q "$partial" 2>"$logs/verify" || fail "vma-verify (exit $?)" "$logs/verify"

@@ -274,6 +274,21 @@ fn backup_cron_and_restore() {
         )
     );
     assert_eq!(archives_in(&dest, "vzdump-qemu-100"), made[1..].to_vec());
+    // vma-encode refusing the config (too large for the format) stops the
+    // backup too; the line names vma-encode, the cause.
+    let good_config = fs::read(&config).unwrap();
+    fs::write(&config, vec![b'#'; 70000]).unwrap();
+    let out = run(&ctl, &dest);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "backup-cron: FAILED vzdump-qemu-100: vma-encode (exit 2): vma-encode: {}: config larger than the format's 65535 bytes\n",
+            config.display()
+        )
+    );
+    assert_eq!(archives_in(&dest, "vzdump-qemu-100"), made[1..].to_vec());
+    fs::write(&config, good_config).unwrap();
     let not_dir = d.join("a-file");
     fs::write(&not_dir, "").unwrap();
     let out = run(&ctl, &not_dir);

@@ -18,6 +18,8 @@ fn stdout_of(tool: &str, args: &[&str]) -> String {
 fn every_help_shows_examples_of_the_tool() {
     for (tool, args) in [
         ("cbw-tap", &["--help"][..]),
+        ("cbw-tap", &["serve", "--help"]),
+        ("cbw-tap", &["backup", "--help"]),
         ("vma-encode", &["--help"]),
         ("vma-decode", &["--help"]),
         ("vma-decode", &["extract", "--help"]),
@@ -41,7 +43,7 @@ fn every_help_shows_examples_of_the_tool() {
             let e = e.trim_start();
             // An example runs a real tool (ours, or a peer in a pipeline).
             assert!(
-                ["cbw-tap", "vma-", "zstd", "qemu-", "nbdfuse"]
+                ["cbw-tap", "vma-", "zstd", "qemu-", "nbdfuse", "nbdinfo"]
                     .iter()
                     .any(|t| e.starts_with(t)),
                 "{tool}: {e}"

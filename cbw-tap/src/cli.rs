@@ -18,6 +18,22 @@ Examples:
 
 ";
 
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  cbw-tap serve --socket /run/cbw-tap/100/nbd.sock drive-scsi0=/dev/pve/vm-100-disk-0 drive-scsi1=/dev/pve/vm-100-disk-1
+  qemu-system-x86_64 … -blockdev driver=nbd,server.type=unix,server.path=/run/cbw-tap/100/nbd.sock,export=drive-scsi0,node-name=d0,reconnect-delay=30 -device virtio-blk-pci,drive=d0
+  nbdinfo --list 'nbd+unix:///?socket=/run/cbw-tap/100/nbd.sock'
+
+Running it as a systemd service, and a Proxmox VM's args: line: docs/DEPLOY.md.";
+
+const BACKUP_EXAMPLES: &str = "\
+Examples:
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl | vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf - | zstd > vm100.vma.zst
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
+  cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
+
+A nightly job with retention and verification: examples/backup-cron.sh.";
+
 /// Live point-in-time backups of disks in use: serves images over NBD with
 /// copy-before-write, and streams backups of all of them taken at one
 /// instant as a cluster stream for `vma-encode -`.
@@ -37,6 +53,7 @@ pub enum Cmd {
     /// Clients: qemu-io -f raw 'nbd+unix:///NAME?socket=PATH', QEMU's
     /// -blockdev driver=nbd,server.type=unix,server.path=PATH,export=NAME,
     /// nbdinfo, nbdcopy.
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve {
         /// NBD Unix socket to create (mode 0600).
         #[arg(long, value_name = "PATH")]
@@ -70,6 +87,7 @@ pub enum Cmd {
     /// Exits 0 only if the stream was finished cleanly; otherwise the stream
     /// ends with an abort record (if it could still be written) or is cut
     /// short, and vma-encode fails too.
+    #[command(after_help = BACKUP_EXAMPLES)]
     Backup {
         /// The server's control socket.
         #[arg(long, value_name = "PATH")]
@@ -300,15 +318,8 @@ pub struct WatchedOutput {
 impl WatchedOutput {
     /// Starts copying to `out`, with a bar and/or `-v`'s lines.
     pub fn start(out: std::fs::File, bar: bool, verbose: bool) -> std::io::Result<WatchedOutput> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         use std::sync::atomic::{AtomicBool, Ordering};
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills both descriptors on success; each is owned once.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (read_end, input) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, input) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let mut watch = StreamProgress::new(out, bar, verbose);
         let bar = watch.bar();
         let done = std::sync::Arc::new(AtomicBool::new(false));
@@ -320,27 +331,26 @@ impl WatchedOutput {
                 let mut src = std::fs::File::from(read_end);
                 let mut buf = vec![0u8; 256 << 10];
                 loop {
-                    let mut pfd = libc::pollfd {
-                        fd: src.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
+                    let mut fds = [rustix::event::PollFd::new(
+                        &src,
+                        rustix::event::PollFlags::IN,
+                    )];
+                    let tick = rustix::event::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 100_000_000,
                     };
-                    // SAFETY: one valid pollfd.
-                    let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-                    if ready == 0 {
-                        // Nothing to copy: once the backup is over (the
-                        // server has stopped writing), the stream is done.
-                        if finished.load(Ordering::Acquire) {
-                            break;
-                        }
-                        continue;
-                    }
-                    if ready < 0 {
-                        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                        {
+                    match rustix::event::poll(&mut fds, Some(&tick)) {
+                        Ok(0) => {
+                            // Nothing to copy: once the backup is over (the
+                            // server has stopped writing), the stream is done.
+                            if finished.load(Ordering::Acquire) {
+                                break;
+                            }
                             continue;
                         }
-                        break;
+                        Ok(_) => {}
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(_) => break,
                     }
                     match src.read(&mut buf) {
                         Ok(0) => break,
