@@ -657,35 +657,9 @@ fn cbw_timeout_policies() {
     assert!(same(&r, &expected[2]), "{}", first_diff(&r, &expected[2]));
 }
 
-/// Speaks raw NBD to the server: fixed newstyle, NBD_OPT_GO for `name`,
-/// no structured replies. Returns the socket in transmission phase.
+/// Speaks raw NBD to `sock` (fixed newstyle, NBD_OPT_GO for `name`).
 fn nbd_connect(sock: &Path, name: &str) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
-    let mut opt = Vec::new();
-    opt.extend_from_slice(b"IHAVEOPT");
-    opt.extend_from_slice(&7u32.to_be_bytes()); // GO
-    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
-    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    opt.extend_from_slice(name.as_bytes());
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&opt).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut body = vec![0u8; len as usize];
-        s.read_exact(&mut body).unwrap();
-        if kind == 1 {
-            return s; // ACK
-        }
-        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
-    }
+    test_support::nbd_connect(sock, name, Duration::from_secs(10))
 }
 
 fn nbd_request(cmd: u16, offset: u64, len: u32) -> Vec<u8> {

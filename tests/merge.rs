@@ -8,7 +8,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use vma_format::identity::{uuid_from_name, BackupIdentity, BaseRef};
 use vma_format::reader::{Archive, ClusterSink, Flow};
@@ -72,17 +72,9 @@ fn all(imgs: &[Vec<u8>]) -> Vec<(usize, usize)> {
 }
 
 fn encode(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(common::bin("vma-encode"))
-        .args(args)
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    let _ = child.stdin.take().unwrap().write_all(input);
-    child.wait_with_output().unwrap()
+    let mut cmd = Command::new(common::bin("vma-encode"));
+    cmd.args(args).arg("-");
+    common::output_with_stdin(cmd, input)
 }
 
 #[derive(Default)]

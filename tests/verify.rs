@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{bin, fixtures};
-use vma_format::{HeaderBuilder, Writer, WriterOptions};
+use vma_format::HeaderBuilder;
 
 fn verify(args: &[&str]) -> Output {
     Command::new(bin("vma-verify")).args(args).output().unwrap()
@@ -359,19 +359,8 @@ fn our_archive(checksums: bool) -> Vec<u8> {
         .unwrap();
     h.add_device("drive-scsi0", 3 * 65536 + 512).unwrap();
     h.add_device("drive-scsi1", 65536).unwrap();
-    let mut w = Writer::new(
-        Vec::new(),
-        &h,
-        WriterOptions {
-            data_checksums: checksums,
-        },
-    )
-    .unwrap();
-    for n in 0..4 {
-        w.write_raw(1, n, &vec![n as u8 + 1; 65536]).unwrap();
-    }
-    w.write_raw(2, 0, &[]).unwrap();
-    w.finish().unwrap()
+    let data = (0..4).map(|n| (1, n, vec![n as u8 + 1; 65536]));
+    test_support::write_archive(&h, checksums, data.chain([(2, 0, vec![])]))
 }
 
 #[test]

@@ -66,35 +66,10 @@ impl CaptureSink for GateSink {
     }
 }
 
-/// Fixed newstyle, NBD_OPT_GO, simple replies.
+/// Fixed newstyle, NBD_OPT_GO, simple replies; the timeout only keeps a
+/// broken build from hanging the test run.
 fn nbd_connect(sock: &Path, name: &str) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap();
-    // Only keeps a broken build from hanging the test run.
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut opt = Vec::new();
-    opt.extend_from_slice(b"IHAVEOPT");
-    opt.extend_from_slice(&7u32.to_be_bytes());
-    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
-    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    opt.extend_from_slice(name.as_bytes());
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&opt).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut body = vec![0u8; len as usize];
-        s.read_exact(&mut body).unwrap();
-        if kind == 1 {
-            return s;
-        }
-        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
-    }
+    test_support::nbd_connect(sock, name, Duration::from_secs(120))
 }
 
 fn request(cmd: u16, handle: u64, offset: u64, data_or_len: Result<&[u8], u32>) -> Vec<u8> {

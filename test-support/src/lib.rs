@@ -1,7 +1,70 @@
 //! What the test crates of the workspace share: deterministic pseudo-random
 //! numbers, bytes and shuffles, the same for a seed on every run and
-//! machine, without a dependency. A dev-dependency only: nothing here is
-//! for production code.
+//! machine; archives written with the library's writer; a raw NBD client
+//! handshake. A dev-dependency only: nothing here is for production code.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use vma_format::{HeaderBuilder, Writer, WriterOptions};
+
+/// Writes an archive with header `header` and the clusters
+/// `(device id, cluster number, raw bytes)` in the order given, with or
+/// without data checksums, through the library's [`Writer`]. Panics on any
+/// error: the callers build valid archives.
+pub fn write_archive(
+    header: &HeaderBuilder,
+    checksums: bool,
+    clusters: impl IntoIterator<Item = (u8, u32, Vec<u8>)>,
+) -> Vec<u8> {
+    let mut w = Writer::new(
+        Vec::new(),
+        header,
+        WriterOptions {
+            data_checksums: checksums,
+        },
+    )
+    .unwrap();
+    for (dev, n, raw) in clusters {
+        w.write_raw(dev, n, &raw).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+/// Speaks raw NBD to the server at `sock`: fixed newstyle, NBD_OPT_GO for
+/// export `name`, no structured replies. Returns the socket in transmission
+/// phase, with `timeout` as its read timeout (which only keeps a broken
+/// build from hanging the test run). Panics if the server refuses.
+pub fn nbd_connect(sock: &Path, name: &str, timeout: Duration) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes()); // GO
+    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).unwrap();
+        if kind == 1 {
+            return s; // ACK
+        }
+        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
+    }
+}
 
 /// xorshift64*: a seeded generator of `u64`s.
 #[derive(Clone, Debug)]

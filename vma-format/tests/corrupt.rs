@@ -63,18 +63,7 @@ fn build(checksums: bool) -> Vec<u8> {
     h.add_config("qemu-server.conf", b"name: test\n".to_vec())
         .unwrap();
     h.add_device("drive-scsi0", SIZE).unwrap();
-    let mut w = Writer::new(
-        Vec::new(),
-        &h,
-        WriterOptions {
-            data_checksums: checksums,
-        },
-    )
-    .unwrap();
-    for n in 0..CLUSTERS {
-        w.write_raw(1, n, &raw_cluster(n)).unwrap();
-    }
-    w.finish().unwrap()
+    test_support::write_archive(&h, checksums, (0..CLUSTERS).map(|n| (1, n, raw_cluster(n))))
 }
 
 fn header_size(bytes: &[u8]) -> usize {
@@ -1054,19 +1043,11 @@ fn small_archive(checksums: bool) -> (Vec<u8>, Content) {
     h.add_config("qemu-server.conf", b"x".to_vec()).unwrap();
     h.add_device("a", 70 * 65536 + 4097).unwrap();
     h.add_device("b", 5 * 65536).unwrap();
-    let mut w = Writer::new(
-        Vec::new(),
-        &h,
-        WriterOptions {
-            data_checksums: checksums,
-        },
-    )
-    .unwrap();
     let mut content = BTreeMap::new();
     let mut order: Vec<(u8, u32)> = (0..71).map(|n| (1, n)).collect();
     order.extend((0..5).map(|n| (2, n)));
     order.rotate_left(30);
-    for (dev, n) in order {
+    for &(dev, n) in &order {
         let mut raw = vec![0u8; CLUSTER_SIZE];
         // One non-zero byte in a block chosen by the cluster: little data.
         let block = (n as usize * 7 + dev as usize) % 16;
@@ -1076,10 +1057,16 @@ fn small_archive(checksums: bool) -> (Vec<u8>, Content) {
             raw.fill(0);
             raw[4096] = 0x5a;
         }
-        w.write_raw(dev, n, &raw).unwrap();
         content.insert((dev, n), raw);
     }
-    (w.finish().unwrap(), content)
+    // In the rotated order, not the map's.
+    let clusters = order
+        .iter()
+        .map(|&(dev, n)| (dev, n, content[&(dev, n)].clone()));
+    (
+        test_support::write_archive(&h, checksums, clusters),
+        content,
+    )
 }
 
 /// Whether `pos` lies in the data of an extent (not a header).

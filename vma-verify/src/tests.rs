@@ -8,18 +8,8 @@ fn archive(size: u64, fill: impl Fn(u32) -> Vec<u8>, checksums: bool) -> Vec<u8>
     h.add_config("qemu-server.conf", b"memory: 512\n".to_vec())
         .unwrap();
     h.add_device("drive-scsi0", size).unwrap();
-    let mut w = Writer::new(
-        Vec::new(),
-        &h,
-        WriterOptions {
-            data_checksums: checksums,
-        },
-    )
-    .unwrap();
-    for n in 0..vma_format::clusters_for(size) as u32 {
-        w.write_raw(1, n, &fill(n)).unwrap();
-    }
-    w.finish().unwrap()
+    let clusters = (0..vma_format::clusters_for(size) as u32).map(|n| (1, n, fill(n)));
+    test_support::write_archive(&h, checksums, clusters)
 }
 
 #[test]

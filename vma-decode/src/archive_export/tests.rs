@@ -3,9 +3,7 @@
 use super::*;
 use crate::index::IndexBuilder;
 use std::io::Write;
-use vma_format::{
-    Archive, Cluster, ClusterSink, Flow, HeaderBuilder, Seekable, Writer, WriterOptions,
-};
+use vma_format::{Archive, Cluster, ClusterSink, Flow, HeaderBuilder, Seekable};
 
 const SIZE: u64 = 130 * CLUSTER_SIZE as u64 + 5000;
 
@@ -15,15 +13,7 @@ const SIZE: u64 = 130 * CLUSTER_SIZE as u64 + 5000;
 fn served(checksums: bool) -> (Arc<ServedArchive>, Vec<u8>, tempfile::NamedTempFile) {
     let mut h = HeaderBuilder::new([5; 16], 0);
     h.add_device("drive-scsi0", SIZE).unwrap();
-    let mut w = Writer::new(
-        Vec::new(),
-        &h,
-        WriterOptions {
-            data_checksums: checksums,
-        },
-    )
-    .unwrap();
-    for n in (0..131u32).map(|i| (i * 17) % 131) {
+    let clusters = (0..131u32).map(|i| (i * 17) % 131).map(|n| {
         let mut raw = vec![0u8; CLUSTER_SIZE];
         for b in 0..16usize {
             if !(n as usize * 3 + b).is_multiple_of(4) {
@@ -32,9 +22,9 @@ fn served(checksums: bool) -> (Arc<ServedArchive>, Vec<u8>, tempfile::NamedTempF
                 }
             }
         }
-        w.write_raw(1, n, &raw).unwrap();
-    }
-    let bytes = w.finish().unwrap();
+        (1, n, raw)
+    });
+    let bytes = test_support::write_archive(&h, checksums, clusters);
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(&bytes).unwrap();
     struct Image(Vec<u8>);
