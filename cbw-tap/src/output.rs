@@ -120,8 +120,14 @@ impl ConsumerOutput {
 
 impl Write for ConsumerOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    /// One `writev`: the stream writer hands a record header and a cluster
+    /// body in place (no copy into a buffer).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         loop {
-            match (&self.file).write(buf) {
+            match (&self.file).write_vectored(bufs) {
                 Ok(n) => {
                     self.backup.count_emitted_bytes(n as u64);
                     return Ok(n);

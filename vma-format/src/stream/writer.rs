@@ -1,6 +1,6 @@
 //! [`StreamWriter`]: writes a cluster stream.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, IoSlice, Write};
 
 use super::{
     check_devices, record_header, StreamDevice, IO_BUFFER, MAGIC, MAX_ABORT_REASON,
@@ -18,9 +18,13 @@ use crate::error::Error;
 /// leaves a stream that every reader refuses as truncated.
 ///
 /// Output is buffered (256 KiB); it reaches `W` when the buffer fills and at
-/// `finish`/`abort`.
+/// `finish`/`abort`. A large record body (a cluster of at least
+/// 16 KiB) is not copied into the buffer: it goes to `W`
+/// in place, in one `write_vectored` after what is buffered (so `W` should
+/// implement `write_vectored`, as files, pipes and `Vec` do).
 pub struct StreamWriter<W: Write> {
-    out: BufWriter<W>,
+    out: W,
+    buf: Vec<u8>,
     devices: Vec<StreamDevice>,
     counts: Vec<u64>,
     failed: bool,
@@ -72,10 +76,11 @@ impl<W: Write> StreamWriter<W> {
         }
         let crc = crc32fast::hash(&pre);
         pre.extend_from_slice(&crc.to_be_bytes());
-        let mut out = BufWriter::with_capacity(IO_BUFFER, out);
-        out.write_all(&pre).map_err(write_error)?;
+        let mut buf = Vec::with_capacity(IO_BUFFER);
+        buf.extend_from_slice(&pre);
         Ok(StreamWriter {
             out,
+            buf,
             counts: vec![0; devices.len()],
             devices: devices.to_vec(),
             failed: false,
@@ -126,11 +131,27 @@ impl<W: Write> StreamWriter<W> {
         crc.update(head);
         crc.update(body);
         let crc = crc.finalize().to_be_bytes();
-        let res = self
-            .out
-            .write_all(head)
-            .and_then(|_| self.out.write_all(body))
-            .and_then(|_| self.out.write_all(&crc));
+        let total = head.len() + body.len() + crc.len();
+        let res = if body.len() >= DIRECT_BODY {
+            self.buf.extend_from_slice(head);
+            let res = write_all_vectored(
+                &mut self.out,
+                &mut [IoSlice::new(&self.buf), IoSlice::new(body)],
+            );
+            self.buf.clear();
+            self.buf.extend_from_slice(&crc);
+            res
+        } else {
+            let res = if self.buf.len() + total > IO_BUFFER {
+                self.flush_buf()
+            } else {
+                Ok(())
+            };
+            self.buf.extend_from_slice(head);
+            self.buf.extend_from_slice(body);
+            self.buf.extend_from_slice(&crc);
+            res
+        };
         res.map_err(|e| {
             self.failed = true;
             write_error(e)
@@ -173,11 +194,37 @@ impl<W: Write> StreamWriter<W> {
         self.into_inner()
     }
 
-    fn into_inner(self) -> Result<W, Error> {
-        self.out
-            .into_inner()
-            .map_err(|e| write_error(e.into_error()))
+    fn flush_buf(&mut self) -> io::Result<()> {
+        let res = self.out.write_all(&self.buf);
+        self.buf.clear();
+        res
     }
+
+    fn into_inner(mut self) -> Result<W, Error> {
+        self.flush_buf()
+            .and_then(|_| self.out.flush())
+            .map_err(write_error)?;
+        Ok(self.out)
+    }
+}
+
+/// A record body of at least this many bytes is written in place, not
+/// copied into the writer's buffer.
+const DIRECT_BODY: usize = 16 * 1024;
+
+/// `write_all` for several slices (`Write::write_all_vectored` is not
+/// stable yet).
+fn write_all_vectored<W: Write>(out: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match out.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn write_error(e: io::Error) -> Error {
