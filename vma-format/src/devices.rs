@@ -203,6 +203,21 @@ impl DeviceTracker {
         Ok(dev)
     }
 
+    /// Whether a writer of this archive could have written cluster `n` of
+    /// device `id` with `mask`: the device is declared and, unless it is
+    /// `vmstate` (whose size does not bind), the cluster is inside it and
+    /// `mask` stores no block past its end. The part of
+    /// [`check`](Self::check) that does not depend on what was seen: no
+    /// writer writes a slot failing it, so resynchronisation after damage
+    /// rules such candidates out before paying for their MD5.
+    #[inline]
+    pub fn could_hold(&self, id: u8, n: u64, mask: BlockMask) -> bool {
+        match self.device(id) {
+            None => false,
+            Some(dev) => dev.vmstate || (n < dev.clusters && dev.mask_fits(n, mask)),
+        }
+    }
+
     /// Records cluster `n` of device `id` (declared; checked first).
     #[inline]
     pub fn record(&mut self, id: u8, n: u64) {
@@ -293,6 +308,18 @@ mod tests {
         };
         assert!(t.check(2, 9, None, gaps).is_ok());
         assert_eq!(t.device(2).unwrap().first_missing(), None);
+        // could_hold: what no writer writes, whatever was seen.
+        assert!(!t.could_hold(3, 0, BlockMask(0)));
+        assert!(!t.could_hold(1, 4, BlockMask(0)));
+        assert!(!t.could_hold(1, 3, BlockMask(0b10)));
+        assert!(
+            t.could_hold(1, 3, BlockMask(1)),
+            "seen before: still possible"
+        );
+        assert!(
+            t.could_hold(2, 1 << 31, BlockMask(0xffff)),
+            "vmstate: no size bound"
+        );
         // Unchecked: duplicates pass, nothing is missing.
         t.set_unchecked(1);
         assert!(t.check(1, 3, None, r).is_ok());

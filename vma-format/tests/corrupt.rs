@@ -919,9 +919,12 @@ fn salvage_skips_a_damaged_middle_extent_and_resyncs() {
 
 /// Issue 8, item 7: resynchronising over hostile garbage. Garbage full of
 /// extent magic numbers, of magic + uuid (a candidate every 24 bytes, all
-/// alike), of candidates whose block count cannot be right, and of one bad
-/// header repeated costs (almost) no MD5: candidates are found by the uuid with memmem and sifted by cheap
-/// checks first. The extents after the garbage are found all the same.
+/// alike), of candidates whose block count cannot be right, of one bad
+/// header repeated, and of candidates naming clusters no writer of this
+/// archive writes (undeclared devices, past the end) costs (almost) no MD5:
+/// candidates are found by the uuid with memmem and sifted by cheap checks
+/// first. Candidates naming declared clusters cost one MD5 each. The
+/// extents after the garbage are found all the same, byte-exact.
 #[test]
 fn salvage_over_hostile_garbage_hashes_almost_no_candidates() {
     let bytes = build(true);
@@ -935,11 +938,65 @@ fn salvage_over_hostile_garbage_hashes_almost_no_candidates() {
     wrong_count[8..24].copy_from_slice(&UUID);
     let mut bad_md5 = wrong_count;
     bad_md5[7] = 0; // all right but its MD5: hashed once, then recognised
-    let garbage: [(&str, Vec<u8>, u64); 4] = [
+
+    // Dense: a candidate every 32 bytes (magic, 0, block count, uuid, 8
+    // bytes of no device), each passing the magic, reserved, uuid and block
+    // count checks. Its slots: 30 in the uuid's bytes (device 0x11, mask
+    // 0x1111: 4 blocks each), 14 in the next candidates' magic (device
+    // b'E', mask b"VM": 8 blocks each): 232 blocks. Neither device is
+    // declared: ruled out without an MD5.
+    let mut dense = Vec::new();
+    for i in 0..4096u32 {
+        dense.extend_from_slice(b"VMAE\0\0");
+        dense.extend_from_slice(&232u16.to_be_bytes());
+        dense.extend_from_slice(&UUID);
+        dense.extend_from_slice(&[i as u8, 0xee, 7, 0, 1, 2, 3, (i >> 8) as u8]);
+    }
+    // 300 distinct headers, each passing every check but its MD5 and
+    // naming the cluster `slot(i)`. Declared clusters (device 1, inside it,
+    // masks fitting) cost one MD5 each; clusters no writer of this archive
+    // writes (device 2 is not declared, clusters past the end, blocks past
+    // the end) cost none.
+    let headers = |slot: &dyn Fn(u32) -> (u8, u32, u16)| {
+        let mut out = Vec::new();
+        for i in 0..300u32 {
+            let (dev_id, cluster_num, mask) = slot(i);
+            let info = BlockInfo {
+                mask: BlockMask(mask),
+                reserved: 0,
+                dev_id,
+                cluster_num,
+            };
+            let mut h = bad_md5;
+            h[7] = mask.count_ones() as u8; // block count
+            h[24..28].copy_from_slice(&i.to_be_bytes()); // its (wrong) MD5
+            h[40..48].copy_from_slice(&info.to_u64().to_be_bytes());
+            out.extend_from_slice(&h);
+        }
+        out
+    };
+    let declared = headers(&|i| {
+        (
+            1,
+            i % CLUSTERS,
+            0xffff * (i % CLUSTERS != CLUSTERS - 1) as u16,
+        )
+    });
+    let undeclared = headers(&|i| (2, i % CLUSTERS, 0));
+    let past_end = headers(&|i| (1, CLUSTERS + i, 0));
+    // The last cluster holds 5000 bytes: blocks 0 and 1.
+    let mask_past_end = headers(&|i| (1, CLUSTERS - 1, 0b100 | i as u16));
+    let garbage: [(&str, Vec<u8>, u64); 9] = [
         ("magic", b"VMAE".repeat(1 << 16), 0),
         ("magic+uuid", fake.repeat(1 << 13), 0),
         ("wrong block count", wrong_count.repeat(512), 0),
         ("one bad header repeated", bad_md5.repeat(512), 1),
+        ("dense, undeclared devices", dense, 0),
+        // The first is read as the extent due there, not a candidate.
+        ("distinct, declared clusters", declared, 299),
+        ("naming an undeclared device", undeclared, 0),
+        ("naming a cluster past the end", past_end, 0),
+        ("naming blocks past the end", mask_past_end, 0),
     ];
     for (what, junk, hashed) in garbage {
         // Extent 1 replaced by garbage: extents 0 and 2 survive.

@@ -6,7 +6,7 @@ use std::io::Read;
 
 use super::{tolerate, Archive, MissingClusters, NextExtent, Summary, RESYNC_CHUNK};
 use crate::cluster::BlockMask;
-use crate::devices::{CheckRules, Refusal};
+use crate::devices::{CheckRules, DeviceTracker, Refusal};
 use crate::error::{Error, Location};
 use crate::extent::{BlockInfo, ExtentHeader};
 use crate::{EXTENT_HEADER_SIZE, EXTENT_SLOTS};
@@ -223,11 +223,13 @@ impl<R: Read> Archive<R> {
     ///
     /// Candidates are found cheaply before any MD5 is computed: by the
     /// archive's uuid (bytes 8..24 of every extent header) with `memmem`, then
-    /// the magic, the reserved field and a block count that matches the
-    /// masks (what [`run`](Self::run) would refuse anyway). A candidate equal
-    /// to the last one whose MD5 failed is not hashed again (repeated
-    /// garbage). What remains costs one MD5 per candidate: garbage built to
-    /// pass every cheap check can force one per 24 bytes.
+    /// the magic, the reserved field, a block count that matches the masks
+    /// (what [`run`](Self::run) would refuse anyway) and slots that name
+    /// only clusters a writer of this archive could write
+    /// ([`could_be_extent`]). A candidate equal to the last one ruled out is
+    /// not examined again (repeated garbage). What remains costs one MD5 per
+    /// candidate: garbage built to pass every cheap check (naming declared
+    /// devices and clusters inside them) can force one per 24 bytes.
     fn resync(
         &mut self,
         index: u64,
@@ -265,7 +267,7 @@ impl<R: Read> Archive<R> {
                 {
                     continue;
                 }
-                if !block_count_matches(candidate) {
+                if !could_be_extent(candidate, &self.devices) {
                     rejected = *candidate;
                     have_rejected = true;
                     continue;
@@ -307,17 +309,29 @@ impl<R: Read> Archive<R> {
     }
 }
 
-/// Whether an extent header's block count is the sum of the blocks its
-/// masks name (slots with a device id), as [`Archive::run`] requires.
-fn block_count_matches(raw: &[u8; EXTENT_HEADER_SIZE]) -> bool {
+/// Whether an extent header could have been written for this archive, as
+/// far as can be told without its MD5: its block count is the sum of the
+/// blocks its masks name (slots with a device id), as
+/// [`Archive::next_extent`] requires, and every slot with a device id names
+/// a cluster some writer could have written ([`DeviceTracker::could_hold`]:
+/// declared device, cluster and mask inside it). Slots with device id 0 are
+/// skipped whatever they hold, as every reader skips them (our data
+/// checksum is one).
+fn could_be_extent(raw: &[u8; EXTENT_HEADER_SIZE], devices: &DeviceTracker) -> bool {
+    let slot = |s: &[u8]| u64::from_be_bytes(s.try_into().expect("8 bytes"));
     let count = u16::from_be_bytes([raw[6], raw[7]]) as u32;
     let blocks: u32 = raw[40..]
         .chunks_exact(8)
-        .map(|slot| {
-            let v = u64::from_be_bytes(slot.try_into().expect("8 bytes"));
+        .map(|s| {
+            let v = slot(s);
             // mask: the top 16 bits; dev_id: bits 32..40.
             ((v >> 48) as u16).count_ones() * ((v >> 32) as u8 != 0) as u32
         })
         .sum();
     blocks == count
+        && raw[40..].chunks_exact(8).all(|s| {
+            let v = slot(s);
+            let dev_id = (v >> 32) as u8;
+            dev_id == 0 || devices.could_hold(dev_id, v as u32 as u64, BlockMask((v >> 48) as u16))
+        })
 }
