@@ -125,7 +125,8 @@ pub struct Args {
     pub uuid_from: Option<String>,
     /// With '-': write the clusters in (device, cluster) order (the stream
     /// is spooled first, beyond --spool-memory to a temporary file). Images
-    /// are always written in that order; --base keeps the base's order.
+    /// are always written in that order. With --base: the base must be in
+    /// that order (written with --sorted); without, the base's order is kept.
     #[arg(long)]
     pub sorted: bool,
     /// With '-' and an incremental stream (`cbw-tap backup --incremental`):
@@ -308,7 +309,15 @@ fn encode(
                 map,
             } = *m;
             let mut spool = merge::spool_stream(&mut stream, args.spool_memory)?;
-            let stats = merge::merge(&name, &mut base, map, &mut spool, &mut writer, progress)?;
+            let stats = merge::merge(
+                &name,
+                args.sorted,
+                &mut base,
+                map,
+                &mut spool,
+                &mut writer,
+                progress,
+            )?;
             if args.verbose {
                 eprintln!(
                     "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file)",
@@ -404,12 +413,6 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         return Err(Failure::new(
             exit::USAGE,
             "--base needs '-' (an incremental cluster stream on standard input)",
-        ));
-    }
-    if args.sorted && args.base.is_some() {
-        return Err(Failure::new(
-            exit::USAGE,
-            "--sorted with --base: the merge keeps the base's order (write the base with --sorted)",
         ));
     }
     let mut base = None;

@@ -10,7 +10,11 @@
 //! check of the archive reader (data checksums included): each of its
 //! clusters is written as it is unless the spool has that cluster, which
 //! is written instead. The merged archive thus keeps the base's cluster
-//! order (a base in (device, cluster) order gives a merge in that order).
+//! order: a base in (device, cluster) order (every archive but a live
+//! backup's holds every cluster once) gives a merge in that order, which is
+//! how `--sorted --base` is a merge-join of the base with the spool. With
+//! `--sorted`, the base's order is checked as it passes: a base out of that
+//! order is refused (the output is not renamed into place).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -234,12 +238,33 @@ struct MergeSink<'a, W: Write> {
     error: Option<EncodeError>,
     from_stream: u64,
     from_base: u64,
+    /// With `--sorted`: the last (device, cluster) written.
+    sorted: Option<Option<(u8, u32)>>,
+    base_name: &'a str,
 }
 
 impl<W: Write> ClusterSink for MergeSink<'_, W> {
     fn cluster(&mut self, c: &Cluster<'_>) -> io::Result<Flow> {
         let dev_id = self.map[c.dev_id as usize];
         let n = c.cluster_num;
+        if let Some(last) = &mut self.sorted {
+            if let Some((d, m)) = *last {
+                if (dev_id, n) <= (d, m) {
+                    self.error = Some(
+                        Failure::new(
+                            vma_cli::exit::USAGE,
+                            format!(
+                                "{}: not in (device, cluster) order (device {dev_id} cluster {n} after device {d} cluster {m}): --sorted with --base needs a base written with --sorted (merge without --sorted, or write the base again with vma-encode --sorted)",
+                                self.base_name
+                            ),
+                        )
+                        .into(),
+                    );
+                    return Err(io::Error::other("order"));
+                }
+            }
+            *last = Some((dev_id, n));
+        }
         let taken = match self.spool.take(dev_id, n, &mut self.buf) {
             Ok(t) => t,
             Err(e) => {
@@ -288,8 +313,10 @@ pub struct MergeStats {
 
 /// Writes the base's clusters, each replaced by the spool's where it has
 /// one (see the module documentation). `map`: from [`check_base`].
+/// `sorted`: refuse a base not in (device, cluster) order.
 pub fn merge<R: Read, W: Write>(
     base_name: &str,
+    sorted: bool,
     base: &mut Archive<R>,
     map: [u8; 256],
     spool: &mut Spool,
@@ -306,6 +333,8 @@ pub fn merge<R: Read, W: Write>(
         error: None,
         from_stream: 0,
         from_base: 0,
+        sorted: sorted.then_some(None),
+        base_name,
     };
     let result = base.run(&mut sink);
     if let Some(e) = sink.error.take() {
