@@ -13,9 +13,9 @@
 #                            reserved, uuid and block count checks, each different, but
 #                            whose slots name a device the archive does not declare
 #   dense-adversarial        the same over an archive that declares that device (id 69,
-#                            128 clusters): its slots name clusters inside it, so every
-#                            candidate passes every cheap check: the floor, one MD5 per
-#                            32 bytes
+#                            128 clusters): its slots name clusters inside it, but the
+#                            next candidates' magic gives them a nonzero reserved byte,
+#                            which no writer writes: ruled out without an MD5
 # Usage: benches/salvage.sh [WORKDIR]
 # Env:   VMA_BIN=DIR (default: cargo build --release); BASE_BIN=DIR to also
 #        time another build (e.g. before a change) on the same archives.

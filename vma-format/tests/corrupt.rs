@@ -986,7 +986,20 @@ fn salvage_over_hostile_garbage_hashes_almost_no_candidates() {
     let past_end = headers(&|i| (1, CLUSTERS + i, 0));
     // The last cluster holds 5000 bytes: blocks 0 and 1.
     let mask_past_end = headers(&|i| (1, CLUSTERS - 1, 0b100 | i as u16));
-    let garbage: [(&str, Vec<u8>, u64); 9] = [
+    // The declared clusters again, each header changed in one way no writer
+    // writes: ruled out without an MD5.
+    let altered = |change: &dyn Fn(&mut [u8])| {
+        let mut out = declared.clone();
+        out.chunks_exact_mut(EXTENT_HEADER_SIZE).for_each(change);
+        out
+    };
+    let reserved_set = altered(&|h| h[40 + 2] = 1);
+    let named_twice = altered(&|h| {
+        let first: [u8; 8] = h[40..48].try_into().unwrap();
+        h[48..56].copy_from_slice(&first);
+        h[7] *= 2; // block count: the mask counted twice
+    });
+    let garbage: [(&str, Vec<u8>, u64); 11] = [
         ("magic", b"VMAE".repeat(1 << 16), 0),
         ("magic+uuid", fake.repeat(1 << 13), 0),
         ("wrong block count", wrong_count.repeat(512), 0),
@@ -997,6 +1010,8 @@ fn salvage_over_hostile_garbage_hashes_almost_no_candidates() {
         ("naming an undeclared device", undeclared, 0),
         ("naming a cluster past the end", past_end, 0),
         ("naming blocks past the end", mask_past_end, 0),
+        ("a slot's reserved byte not 0", reserved_set, 0),
+        ("a cluster named twice", named_twice, 0),
     ];
     for (what, junk, hashed) in garbage {
         // Extent 1 replaced by garbage: extents 0 and 2 survive.

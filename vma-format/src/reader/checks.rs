@@ -228,8 +228,9 @@ impl<R: Read> Archive<R> {
     /// only clusters a writer of this archive could write
     /// ([`could_be_extent`]). A candidate equal to the last one ruled out is
     /// not examined again (repeated garbage). What remains costs one MD5 per
-    /// candidate: garbage built to pass every cheap check (naming declared
-    /// devices and clusters inside them) can force one per 24 bytes.
+    /// candidate: garbage built to pass every cheap check can force one per
+    /// candidate, but overlapping candidates break each other's slots (see
+    /// [`could_be_extent`]), so only a few fit in 512 bytes.
     fn resync(
         &mut self,
         index: u64,
@@ -314,24 +315,42 @@ impl<R: Read> Archive<R> {
 /// blocks its masks name (slots with a device id), as
 /// [`Archive::next_extent`] requires, and every slot with a device id names
 /// a cluster some writer could have written ([`DeviceTracker::could_hold`]:
-/// declared device, cluster and mask inside it). Slots with device id 0 are
-/// skipped whatever they hold, as every reader skips them (our data
-/// checksum is one).
+/// declared device, cluster and mask inside it), with its reserved byte 0
+/// (Proxmox's writer and ours write 0 there) and no cluster named twice (a
+/// writer writes each cluster once). Slots with device id 0 are skipped
+/// whatever they hold, as every reader skips them (our data checksum is
+/// one). Garbage made of overlapping candidates puts each candidate's magic
+/// into its predecessors' slots, where its bytes become a nonzero reserved
+/// byte or a cluster number of at least 0x564D (a device over 1.4 GB) or,
+/// at most offsets, at least 0x564D41 (over 370 GB): dense garbage passes
+/// these checks only over archives of very large devices.
 fn could_be_extent(raw: &[u8; EXTENT_HEADER_SIZE], devices: &DeviceTracker) -> bool {
-    let slot = |s: &[u8]| u64::from_be_bytes(s.try_into().expect("8 bytes"));
     let count = u16::from_be_bytes([raw[6], raw[7]]) as u32;
-    let blocks: u32 = raw[40..]
-        .chunks_exact(8)
-        .map(|s| {
-            let v = slot(s);
-            // mask: the top 16 bits; dev_id: bits 32..40.
-            ((v >> 48) as u16).count_ones() * ((v >> 32) as u8 != 0) as u32
-        })
-        .sum();
-    blocks == count
-        && raw[40..].chunks_exact(8).all(|s| {
-            let v = slot(s);
-            let dev_id = (v >> 32) as u8;
-            dev_id == 0 || devices.could_hold(dev_id, v as u32 as u64, BlockMask((v >> 48) as u16))
-        })
+    // (dev_id, cluster) of each slot with a device id, to find repeats.
+    let mut named = [0u64; EXTENT_SLOTS];
+    let mut n = 0;
+    let mut blocks = 0;
+    // One pass, stopping at the first slot no writer writes: in garbage
+    // that is usually one of the first few.
+    for s in raw[40..].chunks_exact(8) {
+        let v = u64::from_be_bytes(s.try_into().expect("8 bytes"));
+        // mask: bits 48..64; reserved: 40..48; dev_id: 32..40.
+        let dev_id = (v >> 32) as u8;
+        if dev_id == 0 {
+            continue;
+        }
+        let mask = BlockMask((v >> 48) as u16);
+        if (v >> 40) as u8 != 0 || !devices.could_hold(dev_id, v as u32 as u64, mask) {
+            return false;
+        }
+        blocks += mask.0.count_ones();
+        named[n] = v & 0xff_ffff_ffff;
+        n += 1;
+    }
+    if blocks != count {
+        return false;
+    }
+    let named = &mut named[..n];
+    named.sort_unstable();
+    named.windows(2).all(|w| w[0] != w[1])
 }
