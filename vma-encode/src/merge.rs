@@ -13,8 +13,10 @@
 //! order: a base in (device, cluster) order (every archive but a live
 //! backup's holds every cluster once) gives a merge in that order, which is
 //! how `--sorted --base` is a merge-join of the base with the spool. With
-//! `--sorted`, the base's order is checked as it passes: a base out of that
-//! order is refused (the output is not renamed into place).
+//! `--sorted`, the base's order is checked as it passes: a compressed or
+//! piped base out of that order is refused (the output is not renamed into
+//! place); a plain file is indexed first, and one out of order is read in
+//! order instead ([`crate::indexed`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -254,7 +256,7 @@ impl<W: Write> ClusterSink for MergeSink<'_, W> {
                         Failure::new(
                             vma_cli::exit::USAGE,
                             format!(
-                                "{}: not in (device, cluster) order (device {dev_id} cluster {n} after device {d} cluster {m}): --sorted with --base needs a base written with --sorted (merge without --sorted, or write the base again with vma-encode --sorted)",
+                                "{}: not in (device, cluster) order (device {dev_id} cluster {n} after device {d} cluster {m}): --sorted reads a compressed or piped base as it comes, so it must have been written with --sorted (merge without --sorted, decompress the base to a file, or write it again with vma-encode --sorted)",
                                 self.base_name
                             ),
                         )
@@ -346,17 +348,23 @@ pub fn merge<R: Read, W: Write>(
         from_base: sink.from_base,
         spilled,
     };
-    if !spool.is_empty() {
-        // Every cluster of the base came (the reader checks), and the
-        // stream's are inside the same devices: cannot happen.
-        return Err(Failure::new(
-            vma_cli::exit::DAMAGED,
-            format!(
-                "{base_name}: {} clusters of the stream have no place in the archive",
-                spool.len()
-            ),
-        )
-        .into());
-    }
+    check_spool_empty(base_name, spool)?;
     Ok(stats)
+}
+
+/// After a merge: every cluster of the stream found its place in the base.
+pub fn check_spool_empty(base_name: &str, spool: &Spool) -> Result<(), EncodeError> {
+    if spool.is_empty() {
+        return Ok(());
+    }
+    // Every cluster of the base came (the reader checks), and the stream's
+    // are inside the same devices: cannot happen.
+    Err(Failure::new(
+        vma_cli::exit::DAMAGED,
+        format!(
+            "{base_name}: {} clusters of the stream have no place in the archive",
+            spool.len()
+        ),
+    )
+    .into())
 }
