@@ -233,6 +233,10 @@ fn sorted_merge_of_an_unsorted_base() {
         "{err}"
     );
     assert!(!err.contains("(0 bytes spooled"), "{err}");
+    assert!(
+        err.contains("; 0 extents of the base written on as they came)"),
+        "{err}"
+    );
     let merged = fs::read(d.join("from-live.vma")).unwrap();
     let (order, _) = extents(&merged);
     let mut sorted = mapped.clone();
@@ -336,6 +340,12 @@ fn merge_sorted_and_refusals() {
         "{err}"
     );
     assert!(!err.contains("(0 bytes spooled"), "{err}");
+    // Extents 1 and 2 (clusters 58..174 of drive-scsi0) are untouched and
+    // hold 58 clusters each: their data and checksum go out as they came.
+    assert!(
+        err.contains("; 2 extents of the base written on as they came)"),
+        "{err}"
+    );
     let (h, b) = decode(&d.join("b.vma"));
     assert_eq!((h.uuid(), h.ctime()), (u, 2000));
     assert!(b.images[0] == padded(&two[0]) && b.images[1] == padded(&two[1]));

@@ -342,8 +342,8 @@ fn encode(
             };
             if args.verbose {
                 eprintln!(
-                    "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file)",
-                    stats.from_stream, stats.from_base, stats.spilled
+                    "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file; {} extents of the base written on as they came)",
+                    stats.from_stream, stats.from_base, stats.spilled, stats.whole_extents
                 );
             }
         }
