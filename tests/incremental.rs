@@ -232,16 +232,38 @@ fn incremental_merged_archives_are_the_disk_and_read_only_what_changed() {
     let inc = d.join("inc.vma");
     let (err, o) = backup(
         &serve,
-        "--incremental",
+        "--incremental -v",
         &format!("-v --base '{}'", full.display()),
         &inc,
     );
     let eerr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}{eerr}");
+    // Progress counts up to what is written: the changed clusters for the
+    // backup, the whole disk for the merge; 100 % once, at the end.
+    let last_progress = |text: &str| -> (String, usize) {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("progress "))
+            .collect();
+        let full = lines
+            .iter()
+            .filter(|l| l.starts_with("progress 100% "))
+            .count();
+        (lines.last().unwrap_or(&"").to_string(), full)
+    };
+    let n = touched.len() as u64;
+    let (line, full_lines) = last_progress(&err);
+    assert_eq!(line, format!("progress 100% {0}/{0} 0", n * CS), "{err}");
+    assert_eq!(full_lines, 1, "{err}");
+    let (line, full_lines) = last_progress(&eerr);
+    assert!(
+        line.starts_with(&format!("progress 100% {0}/{0} ", clusters * CS)),
+        "{eerr}"
+    );
+    assert_eq!(full_lines, 1, "{eerr}");
     assert!(err.contains("incremental backup on base"), "{err}");
     // The reader read only the changed clusters (nothing wrote during the
     // backup, so no copy-before-write either).
-    let n = touched.len() as u64;
     assert_eq!(counters(&err), (n, n * CS), "{err}");
     assert!(
         eerr.contains(&format!(

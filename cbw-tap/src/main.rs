@@ -82,6 +82,7 @@ fn main() {
                 },
                 pre,
                 post,
+                total: None,
             };
             backup(&client, json, verbose)
         }
@@ -139,6 +140,10 @@ fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
             eprintln!("cbw-tap backup: stdout: cannot watch the stream: {e}");
             return exit::IO;
         }
+    };
+    let client = BackupClient {
+        total: Some(watched.total()),
+        ..client.clone()
     };
     let result = client.run(watched.input());
     watched.finish();

@@ -26,6 +26,10 @@ pub struct BackupClient {
     /// Shell command run right after the instant (e.g. thaw), also when the
     /// pre hook or the request failed.
     pub post: Option<String>,
+    /// Where to put the device bytes the stream will cover once the server
+    /// says (the progress total: an incremental stream covers only the
+    /// changed clusters).
+    pub total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A failed backup: the message (one line) and the exit code, plus the
@@ -154,6 +158,11 @@ impl BackupClient {
         let sent = line_of(&request(&self.options)).and_then(|l| send_with_fd(&conn, &l, out));
         let mut rd = BufReader::new(&conn);
         let reply = sent.and_then(|()| read_line::<Reply>(&mut rd, "reply"));
+        if let (Some(total), Ok(r)) = (&self.total, &reply) {
+            // At once: the stream is already flowing.
+            let bytes = r.bytes.unwrap_or(crate::cli::NO_TOTAL);
+            total.store(bytes, std::sync::atomic::Ordering::Release);
+        }
         if let Some(post) = &self.post {
             if let Err(e) = run_hook("post", post) {
                 // The instant is taken; a failed thaw is worth a warning,

@@ -9,7 +9,8 @@
 //!    optional `"fleecing":"/ABSOLUTE/PATH"`), sent with the client's
 //!    stdout attached (`SCM_RIGHTS`): the server writes the cluster stream
 //!    straight into it, so no byte of the stream passes through the client;
-//! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}]}`
+//! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}],"bytes":B}`
+//!    (B: the device bytes the stream's clusters cover, the progress total)
 //!    once the instant is taken, or `{"ok":false,"error":"…"}` (e.g. a
 //!    backup is already running) and the connection ends;
 //! 3. server → client, once the stream is over (finished, or aborted and
@@ -96,6 +97,11 @@ pub struct Reply {
     /// instant. Absent: the backup is full.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<(String, i64)>,
+    /// Bytes of the devices the stream's clusters will cover (64 KiB per
+    /// cluster, less past a device's end): the devices' sizes for a full
+    /// backup, the changed clusters' for an incremental one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 /// The final status of a backup.

@@ -127,6 +127,7 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
             .identity()
             .base
             .map(|b| (super::hex(&b.uuid), b.time)),
+        bytes: Some(backup.expected_bytes()),
     };
     if write_line(&mut out, &reply).is_err() {
         backup.abort("the backup client went away before the backup started");
