@@ -31,6 +31,7 @@ Examples:
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl | vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf - | zstd > vm100.vma.zst
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
   cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --incremental --uuid-from vm100 -- vma-encode --base mon.vma -o tue.vma -
 
 A nightly job with retention and verification: examples/backup-cron.sh.";
 
@@ -132,6 +133,12 @@ pub enum Cmd {
         /// with it), instead of a random one; give vma-encode no --uuid.
         #[arg(long, value_name = "NAME")]
         uuid_from: Option<String>,
+        /// Run CONSUMER (e.g. `vma-encode --base LAST.vma -o NEW.vma -`)
+        /// with the stream on its standard input (its stdout is ours), and
+        /// count the backup as completed — the base of the next
+        /// incremental one — only if it exits 0 after the stream ended.
+        #[arg(last = true, value_name = "CONSUMER")]
+        consumer: Vec<std::ffi::OsString>,
     },
 }
 

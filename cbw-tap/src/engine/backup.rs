@@ -97,6 +97,8 @@ pub struct Backup {
     /// Bytes of the devices those clusters cover (64 KiB each, less past
     /// a device's end): what progress counts up to.
     pub(super) expected_bytes: u64,
+    /// The changes' generation at its instant ([`super::Engine::confirm`]).
+    pub(super) generation: u64,
     pub(super) exports: Vec<ExportCopy>,
     pub(super) queue: CaptureQueue,
     pub(super) options: BackupOptions,
@@ -149,6 +151,7 @@ impl Backup {
             identity: BackupIdentity { uuid, base: None },
             expected: exports.iter().map(|e| e.clusters).sum(),
             expected_bytes: exports.iter().map(|e| e.size).sum(),
+            generation: 0,
             queue: CaptureQueue::new(options.buffer, fleece),
             counters: Counters::new(exports.len()),
             exports,
