@@ -372,6 +372,7 @@ fn merge_sorted_and_refusals() {
     // same archive as the merge in the base's order.
     let o = encode(
         &[
+            "--json",
             "--sorted",
             "--spool-memory",
             "65536",
@@ -383,6 +384,20 @@ fn merge_sorted_and_refusals() {
         &s2,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --json counts every cluster written, those of extents written on
+    // whole too: the same devices' figures as encoding the content anew.
+    let devices = |o: &Output| -> serde_json::Value {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+        v["devices"].clone()
+    };
+    let anew = encode(
+        &["--json", "--sorted", "-o", &p("anew.vma")],
+        &stream(&two, &all(&two), 2000, &full, &SIZES),
+    );
+    assert!(anew.status.success());
+    assert_eq!(devices(&o), devices(&anew));
+    assert_eq!(devices(&o)[0]["clusters"], 201);
     let (_, bs) = decode(&d.join("bs.vma"));
     assert_eq!(
         bs.order, sorted,

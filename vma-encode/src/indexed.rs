@@ -5,7 +5,7 @@
 //! order and merged with the spool, so the output is sorted.
 //!
 //! The index costs 16 bytes per cluster of the base (device, cluster,
-//! extent, mask, first block) and 24 per extent (a 1 TiB disk: 16 Mi
+//! extent, mask, first block) and 32 per extent (a 1 TiB disk: 16 Mi
 //! clusters, 256 MiB). Data checksums cover whole extents, whose clusters
 //! now come in another order: each cluster's CRC-32 is taken as it is read
 //! and combined with its neighbours' (`crc32fast::Hasher::combine`) until
