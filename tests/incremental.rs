@@ -232,16 +232,38 @@ fn incremental_merged_archives_are_the_disk_and_read_only_what_changed() {
     let inc = d.join("inc.vma");
     let (err, o) = backup(
         &serve,
-        "--incremental",
+        "--incremental -v",
         &format!("-v --base '{}'", full.display()),
         &inc,
     );
     let eerr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}{eerr}");
+    // Progress counts up to what is written: the changed clusters for the
+    // backup, the whole disk for the merge; 100 % once, at the end.
+    let last_progress = |text: &str| -> (String, usize) {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("progress "))
+            .collect();
+        let full = lines
+            .iter()
+            .filter(|l| l.starts_with("progress 100% "))
+            .count();
+        (lines.last().unwrap_or(&"").to_string(), full)
+    };
+    let n = touched.len() as u64;
+    let (line, full_lines) = last_progress(&err);
+    assert_eq!(line, format!("progress 100% {0}/{0} 0", n * CS), "{err}");
+    assert_eq!(full_lines, 1, "{err}");
+    let (line, full_lines) = last_progress(&eerr);
+    assert!(
+        line.starts_with(&format!("progress 100% {0}/{0} ", clusters * CS)),
+        "{eerr}"
+    );
+    assert_eq!(full_lines, 1, "{eerr}");
     assert!(err.contains("incremental backup on base"), "{err}");
     // The reader read only the changed clusters (nothing wrote during the
     // backup, so no copy-before-write either).
-    let n = touched.len() as u64;
     assert_eq!(counters(&err), (n, n * CS), "{err}");
     assert!(
         eerr.contains(&format!(
@@ -346,4 +368,115 @@ fn incremental_merged_archives_are_the_disk_and_read_only_what_changed() {
     assert!(err.contains("no base to build on"), "{err}");
     assert_eq!(counters(&err).0, clusters);
     assert!(decoded(&after, &d.join("x3")) == third);
+}
+
+/// `cbw-tap backup ARGS -- CONSUMER…`: the backup runs its consumer
+/// (stdout null) and says on stderr how it went.
+fn backup_into(serve: &Serve, args: &[&str], consumer: &[&str]) -> Output {
+    Command::new(common::bin("cbw-tap"))
+        .arg("backup")
+        .arg("--control")
+        .arg(&serve.ctl)
+        .args(args)
+        .arg("--")
+        .args(consumer)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_consumer_failing_after_the_stream_leaves_the_backup_not_completed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir(d.join("state")).unwrap();
+    let img = d.join("disk.raw");
+    let clusters = 96u64;
+    let mut rng = Rng(0x0bad_cafe_1234_5679);
+    let data: Vec<u8> = (0..clusters * CS / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    fs::write(&img, &data).unwrap();
+    let serve = Serve::start(d, &img, 1);
+    let encode = common::bin("vma-encode");
+    let encode = encode.to_str().unwrap();
+    let path = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let write = |pattern: u8, off: u64| {
+        let q = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &format!("nbd+unix:///drive-scsi0?socket={}", serve.sock.display()),
+                "-c",
+                &format!("write -P {pattern} {off} 4096"),
+            ])
+            .output()
+            .expect("qemu-io (qemu-utils) must be installed");
+        assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // A full backup whose consumer succeeds: completed, a base.
+    let o = backup_into(
+        &serve,
+        &["--incremental"],
+        &[encode, "-o", &path("full.vma"), "-"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no base to build on"));
+    write(0x21, 5 * CS);
+
+    // An incremental one whose consumer reads the whole stream, then
+    // fails (here: the disk is full when the merged archive is written).
+    let o = backup_into(
+        &serve,
+        &["--incremental"],
+        &[encode, "--base", &path("full.vma"), "-o", "/dev/full", "-"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("incremental backup on base"), "{err}");
+    assert!(
+        err.contains("\nvma-encode: /dev/full: write failed: No space left on device"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().last().unwrap(),
+        format!("cbw-tap backup: consumer `{encode}` failed (exit status: 3) after the stream ended: the backup is not recorded as completed (the next backup is full)"),
+    );
+    // The stream was finished: its one changed cluster was sent.
+    assert_eq!(counters(&err).0, 1, "{err}");
+
+    // So the next backup does not build on the failed one: full.
+    write(0x22, 9 * CS);
+    let o = backup_into(
+        &serve,
+        &["--incremental"],
+        &[encode, "-o", &path("second.vma"), "-"],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("no base to build on"), "{err}");
+    assert_eq!(counters(&err).0, clusters);
+    // And a successful consumer made it the base of the next one.
+    write(0x23, 40 * CS);
+    let o = backup_into(
+        &serve,
+        &["--incremental", "-v"],
+        &[
+            encode,
+            "--base",
+            &path("second.vma"),
+            "-o",
+            &path("third.vma"),
+            "-",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("incremental backup on base"), "{err}");
+    assert_eq!(counters(&err).0, 1);
+    assert!(err.contains(&format!("progress 100% {CS}/{CS} 0")), "{err}");
+    assert!(decoded(&d.join("third.vma"), &d.join("x")) == fs::read(&img).unwrap());
 }

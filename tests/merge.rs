@@ -130,6 +130,149 @@ fn padded(img: &[u8]) -> Vec<u8> {
     v
 }
 
+fn gzip(from: &Path, to: &Path) {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(fs::File::create(to).unwrap(), Default::default());
+    z.write_all(&fs::read(from).unwrap()).unwrap();
+    z.finish().unwrap();
+}
+
+/// The clusters' (device, cluster) in the extents of `archive`, in order,
+/// and where each extent with data lies: read from its extent headers.
+fn extents(archive: &[u8]) -> (Vec<(u8, u32)>, Vec<usize>) {
+    use vma_format::reader::{IndexSink, IndexedExtent};
+    struct Walk(Vec<(u8, u32)>, Vec<usize>);
+    impl IndexSink for Walk {
+        fn extent(&mut self, e: &IndexedExtent<'_>) -> std::io::Result<Flow> {
+            self.0
+                .extend(e.clusters.iter().map(|c| (c.dev_id, c.cluster_num)));
+            if e.block_count > 0 {
+                self.1.push(e.data_offset() as usize);
+            }
+            Ok(Flow::Continue)
+        }
+    }
+    let mut w = Walk(Vec::new(), Vec::new());
+    let seekable = vma_format::reader::Seekable::new(std::io::Cursor::new(archive)).unwrap();
+    Archive::new(seekable).unwrap().index(&mut w).unwrap();
+    (w.0, w.1)
+}
+
+#[test]
+fn sorted_merge_of_an_unsorted_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let one = images(1);
+    let u = uuid_from_name("vm-100");
+    let full = BackupIdentity {
+        uuid: u,
+        base: None,
+    };
+    // The same content twice: in a random order (a live backup's archive)
+    // and sorted.
+    let mut random = all(&one);
+    test_support::shuffle(&mut random, 13);
+    let o = encode(
+        &["-o", &p("live.vma")],
+        &stream(&one, &random, 1000, &full, &SIZES),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let live = fs::read(d.join("live.vma")).unwrap();
+    let (live_order, _) = extents(&live);
+    let mapped: Vec<(u8, u32)> = random
+        .iter()
+        .map(|&(d, n)| (d as u8 + 1, n as u32))
+        .collect();
+    assert_eq!(live_order, mapped, "the base is in the stream's order");
+    let o = encode(
+        &["--sorted", "-o", &p("sorted.vma")],
+        &stream(&one, &random, 1000, &full, &SIZES),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let mut two = one.clone();
+    let changed = [(1usize, 7usize), (0, 0), (0, 200), (0, 17), (1, 2), (1, 3)];
+    let other = images(2);
+    for &(dv, n) in &changed {
+        let end = ((n + 1) * CLUSTER_SIZE).min(two[dv].len());
+        two[dv][n * CLUSTER_SIZE..end].copy_from_slice(&other[dv][n * CLUSTER_SIZE..end]);
+    }
+    let inc = BackupIdentity {
+        uuid: u,
+        base: Some(BaseRef {
+            uuid: u,
+            time: 1000,
+        }),
+    };
+    let s2 = stream(&two, &changed, 2000, &inc, &SIZES);
+    let merge = |base: &str, out: &str| {
+        encode(
+            &[
+                "-v",
+                "--sorted",
+                "--uuid-from",
+                "vm-100",
+                "--ctime",
+                "2500",
+                "--spool-memory",
+                "65536",
+                "--base",
+                &p(base),
+                "-o",
+                &p(out),
+            ],
+            &s2,
+        )
+    };
+    let o = merge("live.vma", "from-live.vma");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("merged 6 clusters from the stream onto 203 from"),
+        "{err}"
+    );
+    assert!(!err.contains("(0 bytes spooled"), "{err}");
+    assert!(
+        err.contains("; 0 extents of the base written on as they came)"),
+        "{err}"
+    );
+    let merged = fs::read(d.join("from-live.vma")).unwrap();
+    let (order, _) = extents(&merged);
+    let mut sorted = mapped.clone();
+    sorted.sort();
+    assert_eq!(
+        order, sorted,
+        "(device, cluster) order in the extent headers"
+    );
+    let (h, b) = decode(&d.join("from-live.vma"));
+    assert_eq!((h.uuid(), h.ctime()), (u, 2500));
+    assert!(b.images[0] == padded(&two[0]) && b.images[1] == padded(&two[1]));
+    // The same bytes as the merge from the sorted base.
+    let o = merge("sorted.vma", "from-sorted.vma");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(fs::read(d.join("from-sorted.vma")).unwrap() == merged);
+
+    // A data byte of the base changed: its data checksum, checked as its
+    // clusters are read out of order, refuses it, as the merge in the
+    // base's order does, with the same message; nothing is written.
+    let (_, data_at) = extents(&live);
+    let mut bad = live.clone();
+    bad[data_at[1] + 100] ^= 1;
+    fs::write(d.join("bad.vma"), &bad).unwrap();
+    let o = merge("bad.vma", "x.vma");
+    assert_eq!(o.status.code(), Some(1));
+    let unsorted = encode(&["--base", &p("bad.vma"), "-o", &p("y.vma")], &s2);
+    assert_eq!(unsorted.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&unsorted.stderr).into_owned();
+    assert!(msg.contains(": data checksum mismatch"), "{msg}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).lines().last(),
+        msg.lines().last()
+    );
+    assert!(!d.join("x.vma").exists() && !d.join("y.vma").exists());
+}
+
 #[test]
 fn merge_sorted_and_refusals() {
     let tmp = tempfile::tempdir().unwrap();
@@ -197,6 +340,12 @@ fn merge_sorted_and_refusals() {
         "{err}"
     );
     assert!(!err.contains("(0 bytes spooled"), "{err}");
+    // Extents 1 and 2 (clusters 58..174 of drive-scsi0) are untouched and
+    // hold 58 clusters each: their data and checksum go out as they came.
+    assert!(
+        err.contains("; 2 extents of the base written on as they came)"),
+        "{err}"
+    );
     let (h, b) = decode(&d.join("b.vma"));
     assert_eq!((h.uuid(), h.ctime()), (u, 2000));
     assert!(b.images[0] == padded(&two[0]) && b.images[1] == padded(&two[1]));
@@ -223,6 +372,7 @@ fn merge_sorted_and_refusals() {
     // same archive as the merge in the base's order.
     let o = encode(
         &[
+            "--json",
             "--sorted",
             "--spool-memory",
             "65536",
@@ -234,6 +384,20 @@ fn merge_sorted_and_refusals() {
         &s2,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --json counts every cluster written, those of extents written on
+    // whole too: the same devices' figures as encoding the content anew.
+    let devices = |o: &Output| -> serde_json::Value {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+        v["devices"].clone()
+    };
+    let anew = encode(
+        &["--json", "--sorted", "-o", &p("anew.vma")],
+        &stream(&two, &all(&two), 2000, &full, &SIZES),
+    );
+    assert!(anew.status.success());
+    assert_eq!(devices(&o), devices(&anew));
+    assert_eq!(devices(&o)[0]["clusters"], 201);
     let (_, bs) = decode(&d.join("bs.vma"));
     assert_eq!(
         bs.order, sorted,
@@ -241,23 +405,53 @@ fn merge_sorted_and_refusals() {
     );
     assert!(bs.images[0] == padded(&two[0]) && bs.images[1] == padded(&two[1]));
     assert!(fs::read(d.join("bs.vma")).unwrap() == y);
-    // A base in another order (a live backup's archive): refused with
-    // --sorted, nothing written; merged in its own order without.
+    // A compressed base in another order (a live backup's archive):
+    // refused with --sorted, nothing written (a plain file is read in
+    // order through its index: `sorted_merge_of_an_unsorted_base`).
     let o = encode(
         &["-o", &p("live.vma")],
         &stream(&one, &order, 1000, &full, &SIZES),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    gzip(&d.join("live.vma"), &d.join("live.vma.gz"));
     let o = encode(
-        &["--sorted", "--base", &p("live.vma"), "-o", &p("ls.vma")],
+        &["--sorted", "--base", &p("live.vma.gz"), "-o", &p("ls.vma")],
         &s2,
     );
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr).trim_end(),
         format!(
-            "vma-encode: {}: not in (device, cluster) order (device 2 cluster 6 after device 2 cluster 7): --sorted with --base needs a base written with --sorted (merge without --sorted, or write the base again with vma-encode --sorted)",
-            p("live.vma")
+            "vma-encode: {}: not in (device, cluster) order (device 2 cluster 6 after device 2 cluster 7): --sorted reads a compressed or piped base as it comes, so it must have been written with --sorted (merge without --sorted, decompress the base to a file, or write it again with vma-encode --sorted)",
+            p("live.vma.gz")
+        )
+    );
+    assert!(!d.join("ls.vma").exists());
+    // Nor can a plain base on a pipe be read out of its order.
+    let fifo = d.join("live.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let (from, to) = (d.join("live.vma"), fifo.clone());
+    let feeder = std::thread::spawn(move || {
+        let _ = std::io::copy(
+            &mut fs::File::open(from).unwrap(),
+            &mut fs::OpenOptions::new().write(true).open(to).unwrap(),
+        );
+    });
+    let o = encode(
+        &["--sorted", "--base", &p("live.fifo"), "-o", &p("ls.vma")],
+        &s2,
+    );
+    feeder.join().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim_end(),
+        format!(
+            "vma-encode: {}: not in (device, cluster) order (device 2 cluster 6 after device 2 cluster 7): --sorted reads a compressed or piped base as it comes, so it must have been written with --sorted (merge without --sorted, decompress the base to a file, or write it again with vma-encode --sorted)",
+            p("live.fifo")
         )
     );
     assert!(!d.join("ls.vma").exists());

@@ -31,6 +31,7 @@ Examples:
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl | vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf - | zstd > vm100.vma.zst
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
   cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --incremental --uuid-from vm100 -- vma-encode --base mon.vma -o tue.vma -
 
 A nightly job with retention and verification: examples/backup-cron.sh.";
 
@@ -132,6 +133,12 @@ pub enum Cmd {
         /// with it), instead of a random one; give vma-encode no --uuid.
         #[arg(long, value_name = "NAME")]
         uuid_from: Option<String>,
+        /// Run CONSUMER (e.g. `vma-encode --base LAST.vma -o NEW.vma -`)
+        /// with the stream on its standard input (its stdout is ours), and
+        /// count the backup as completed — the base of the next
+        /// incremental one — only if it exits 0 after the stream ended.
+        #[arg(last = true, value_name = "CONSUMER")]
+        consumer: Vec<std::ffi::OsString>,
     },
 }
 
@@ -168,9 +175,39 @@ pub struct StreamProgress<W> {
     transferred: u64,
     zero_bytes: u64,
     last_percent: i64,
+    /// The device bytes the stream covers as the server said
+    /// ([`UNKNOWN`] until then): an incremental stream covers only the
+    /// changed clusters, not the devices the preamble lists.
+    expected: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// [`StreamProgress`]'s total before the server has said it.
+const UNKNOWN: u64 = u64::MAX;
+/// The server said no total (an older one): the devices' sizes it is.
+pub const NO_TOTAL: u64 = u64::MAX - 1;
+
 impl<W> StreamProgress<W> {
+    /// Where the server's total goes (see [`BackupClient::total`](crate::control::BackupClient::total)).
+    pub fn total(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.expected.clone()
+    }
+
+    /// Takes the server's total once it is known; false until then (the
+    /// stream may come before the client has read the server's reply).
+    fn refresh_total(&mut self) -> bool {
+        let e = self.expected.load(std::sync::atomic::Ordering::Acquire);
+        if e == UNKNOWN || self.sizes.is_none() {
+            return false;
+        }
+        if e != NO_TOTAL && e != self.total {
+            self.total = e;
+            if let Some(bar) = &self.bar {
+                vma_cli::bar::set_total(bar, Some(e));
+            }
+        }
+        true
+    }
+
     /// Watches the stream written to `inner`; `bar` draws a progress bar,
     /// `verbose` prints Proxmox's progress lines on stderr.
     pub fn new(inner: W, bar: bool, verbose: bool) -> StreamProgress<W> {
@@ -187,6 +224,7 @@ impl<W> StreamProgress<W> {
             transferred: 0,
             zero_bytes: 0,
             last_percent: -1,
+            expected: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(UNKNOWN)),
         }
     }
 
@@ -230,6 +268,7 @@ impl<W> StreamProgress<W> {
             vma_cli::bar::set_total(bar, Some(self.total));
         }
         self.sizes = Some(sizes);
+        let _ = self.refresh_total();
         self.observe_records(&rest);
     }
 
@@ -272,6 +311,7 @@ impl<W> StreamProgress<W> {
         else {
             return;
         };
+        let known = self.refresh_total();
         let start = cluster * vma_format::CLUSTER_SIZE as u64;
         let end = start + vma_format::CLUSTER_SIZE as u64;
         self.transferred += end.min(size).saturating_sub(start);
@@ -279,7 +319,7 @@ impl<W> StreamProgress<W> {
         if let Some(bar) = &self.bar {
             bar.set_position(self.transferred.min(self.total));
         }
-        if self.verbose && self.total > 0 {
+        if self.verbose && known && self.total > 0 {
             let percent = (self.transferred.min(self.total) * 100 / self.total) as i64;
             if percent != self.last_percent {
                 self.last_percent = percent;
@@ -312,6 +352,7 @@ pub struct WatchedOutput {
     input: std::os::fd::OwnedFd,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     bar: Option<vma_cli::bar::ProgressBar>,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -322,6 +363,7 @@ impl WatchedOutput {
         let (read_end, input) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let mut watch = StreamProgress::new(out, bar, verbose);
         let bar = watch.bar();
+        let total = watch.total();
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let finished = done.clone();
         let thread = std::thread::Builder::new()
@@ -369,8 +411,14 @@ impl WatchedOutput {
             input,
             done,
             bar,
+            total,
             thread,
         })
+    }
+
+    /// Where the client puts the server's progress total.
+    pub fn total(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.total.clone()
     }
 
     /// The descriptor to hand the server.

@@ -1,8 +1,11 @@
 //! `cbw-tap`: flags in, server or backup out. The work is in the library.
 
+use std::ffi::OsString;
 use std::io::{self, IsTerminal};
 use std::os::fd::AsFd;
 use std::time::Duration;
+
+mod consumer;
 
 use clap::Parser;
 use serde_json::json;
@@ -45,6 +48,7 @@ fn main() {
             verbose,
             incremental,
             uuid_from,
+            consumer,
         } => {
             if !(cbw_timeout.is_finite() && cbw_timeout > 0.0) {
                 eprintln!("cbw-tap backup: --cbw-timeout must be a positive number of seconds");
@@ -79,11 +83,13 @@ fn main() {
                     uuid: uuid_from
                         .as_deref()
                         .map(vma_format::identity::uuid_from_name),
+                    confirm: !consumer.is_empty(),
                 },
                 pre,
                 post,
+                total: None,
             };
-            backup(&client, json, verbose)
+            backup(&client, &consumer, json, verbose)
         }
     };
     std::process::exit(code);
@@ -113,7 +119,10 @@ fn serve(cfg: ServeConfig) -> i32 {
     exit::OK
 }
 
-fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
+fn backup(client: &BackupClient, consumer: &[OsString], json: bool, verbose: bool) -> i32 {
+    if !consumer.is_empty() {
+        return consumer::backup(client, consumer, json, verbose);
+    }
     let stdout = io::stdout();
     if stdout.is_terminal() {
         eprintln!("cbw-tap backup: stdout is a terminal; pipe it into vma-encode -");
@@ -140,13 +149,17 @@ fn backup(client: &BackupClient, json: bool, verbose: bool) -> i32 {
             return exit::IO;
         }
     };
+    let client = BackupClient {
+        total: Some(watched.total()),
+        ..client.clone()
+    };
     let result = client.run(watched.input());
     watched.finish();
     outcome(result, json)
 }
 
 /// Prints the outcome of a backup and returns the exit code.
-fn outcome(
+pub(crate) fn outcome(
     result: Result<cbw_tap::stats::Stats, cbw_tap::control::BackupFailure>,
     json: bool,
 ) -> i32 {

@@ -7,7 +7,7 @@ complete -c vma-encode -l spool-memory -d 'Stream clusters kept in memory by --b
 complete -c vma-encode -l ctime -d 'The archive\'s creation time in seconds since the epoch (0 or more)' -r
 complete -c vma-encode -l force -d 'Replace ARCHIVE if it exists (a regular file)'
 complete -c vma-encode -l assume-raw -d 'Take every source as a raw disk, even one that starts like a qcow2, VMDK, … image'
-complete -c vma-encode -l sorted -d 'With \'-\': write the clusters in (device, cluster) order (the stream is spooled first, beyond --spool-memory to a temporary file). Images are always written in that order. With --base: the base must be in that order (written with --sorted); without, the base\'s order is kept'
+complete -c vma-encode -l sorted -d 'With \'-\': write the clusters in (device, cluster) order (the stream is spooled first, beyond --spool-memory to a temporary file). Images are always written in that order. With --base: a base in another order is read in this one through an index of its extents if it is a plain file; a compressed or piped base must be in this order (written with --sorted). Without --sorted, a merge keeps the base\'s order'
 complete -c vma-encode -l no-data-checksums -d 'Write plain extents, without our CRC-32 of each extent\'s data'
 complete -c vma-encode -s v -l verbose -d 'Print Proxmox-style progress lines and per-image statistics on stderr'
 complete -c vma-encode -l json -d 'Print the statistics of the archive made as one JSON object on one line on stderr, once it is complete (docs/JSON.md)'

@@ -16,6 +16,7 @@
 //! written: every source opened and sized, every config read, the header
 //! encoded (254 devices, 256 configs, 65535-byte blobs, 512 KiB header).
 
+pub mod indexed;
 pub mod merge;
 pub mod output;
 pub mod progress;
@@ -125,8 +126,10 @@ pub struct Args {
     pub uuid_from: Option<String>,
     /// With '-': write the clusters in (device, cluster) order (the stream
     /// is spooled first, beyond --spool-memory to a temporary file). Images
-    /// are always written in that order. With --base: the base must be in
-    /// that order (written with --sorted); without, the base's order is kept.
+    /// are always written in that order. With --base: a base in another
+    /// order is read in this one through an index of its extents if it is a
+    /// plain file; a compressed or piped base must be in this order (written
+    /// with --sorted). Without --sorted, a merge keeps the base's order.
     #[arg(long)]
     pub sorted: bool,
     /// With '-' and an incremental stream (`cbw-tap backup --incremental`):
@@ -214,6 +217,10 @@ struct Merging {
     base: Archive<vma_cli::input::Input>,
     /// The base's device ids to the stream's.
     map: [u8; 256],
+    /// The base's path, and whether it is a plain (uncompressed) regular
+    /// file, which `--sorted` can read in any order.
+    base_path: PathBuf,
+    plain: bool,
 }
 
 /// Runs `vma-encode` with `args`; the error carries its message (without the
@@ -307,21 +314,36 @@ fn encode(
                 base_name: name,
                 mut base,
                 map,
+                base_path,
+                plain,
             } = *m;
             let mut spool = merge::spool_stream(&mut stream, args.spool_memory)?;
-            let stats = merge::merge(
-                &name,
-                args.sorted,
-                &mut base,
-                map,
-                &mut spool,
-                &mut writer,
-                progress,
-            )?;
+            let stats = if args.sorted && plain {
+                indexed::merge_sorted_file(
+                    &name,
+                    &base_path,
+                    &stream,
+                    &mut base,
+                    map,
+                    &mut spool,
+                    &mut writer,
+                    progress,
+                )?
+            } else {
+                merge::merge(
+                    &name,
+                    args.sorted,
+                    &mut base,
+                    map,
+                    &mut spool,
+                    &mut writer,
+                    progress,
+                )?
+            };
             if args.verbose {
                 eprintln!(
-                    "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file)",
-                    stats.from_stream, stats.from_base, stats.spilled
+                    "vma-encode: merged {} clusters from the stream onto {} from {name} ({} bytes spooled to a temporary file; {} extents of the base written on as they came)",
+                    stats.from_stream, stats.from_base, stats.spilled, stats.whole_extents
                 );
             }
         }
@@ -420,9 +442,11 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
         let name = path.display().to_string();
         if r.is_incremental() {
             let input = vma_cli::input::Input::open(&name).map_err(|e| Failure::io(&name, &e))?;
+            let plain =
+                input.compression().is_none() && std::fs::metadata(path).is_ok_and(|m| m.is_file());
             let archive = Archive::new(input).map_err(|e| Failure::format(&name, &e))?;
             let map = merge::check_base(&name, archive.header(), r)?;
-            base = Some((name, archive, map));
+            base = Some((name, archive, map, path.clone(), plain));
         } else {
             eprintln!("vma-encode: the stream is a full backup: --base {name} is not needed");
         }
@@ -478,7 +502,7 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
             Failure::new(exit::USAGE, format!("{}: {}", path.display(), e.message()))
         })?;
     }
-    if let (true, Some((name, archive, _))) = (args.configs.is_empty(), &base) {
+    if let (true, Some((name, archive, ..))) = (args.configs.is_empty(), &base) {
         // The merged archive keeps the base's configs unless given others.
         for c in archive.header().configs() {
             let cname = String::from_utf8(c.c_name().to_vec()).map_err(|_| {
@@ -502,13 +526,15 @@ fn prepare(args: &Args, ctime_env: Option<i64>) -> Result<(Sources, HeaderBuilde
                 .add_device(&d.name, d.size)
                 .map_err(|e| Failure::format("<stdin>", &e))?;
         }
-        if let Some((name, archive, map)) = base {
+        if let Some((name, archive, map, base_path, plain)) = base {
             return Ok((
                 Sources::Merge(Box::new(Merging {
                     stream: reader,
                     base_name: name,
                     base: archive,
                     map,
+                    base_path,
+                    plain,
                 })),
                 builder,
                 meta,

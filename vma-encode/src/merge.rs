@@ -13,8 +13,10 @@
 //! order: a base in (device, cluster) order (every archive but a live
 //! backup's holds every cluster once) gives a merge in that order, which is
 //! how `--sorted --base` is a merge-join of the base with the spool. With
-//! `--sorted`, the base's order is checked as it passes: a base out of that
-//! order is refused (the output is not renamed into place).
+//! `--sorted`, the base's order is checked as it passes: a compressed or
+//! piped base out of that order is refused (the output is not renamed into
+//! place); a plain file is indexed first, and one out of order is read in
+//! order instead ([`crate::indexed`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -101,6 +103,11 @@ impl Spool {
         self.index
             .insert((c.dev_id, c.cluster_num), Slot { mask: c.mask, at });
         Ok(())
+    }
+
+    /// Whether it holds the cluster (`dev_id`, `n`).
+    pub fn contains(&self, dev_id: u8, n: u32) -> bool {
+        self.index.contains_key(&(dev_id, n))
     }
 
     /// Takes the cluster (`dev_id`, `n`) out, its data into `buf`.
@@ -238,12 +245,77 @@ struct MergeSink<'a, W: Write> {
     error: Option<EncodeError>,
     from_stream: u64,
     from_base: u64,
+    whole_extents: u64,
     /// With `--sorted`: the last (device, cluster) written.
     sorted: Option<Option<(u8, u32)>>,
     base_name: &'a str,
 }
 
+impl<W: Write> MergeSink<'_, W> {
+    /// Whether the base's extent of `clusters` goes out whole: none of its
+    /// clusters is in the spool and (with `--sorted`) they come in order.
+    fn untouched(&self, clusters: &[Cluster<'_>]) -> bool {
+        let mut last = self.sorted.map(|s| s.unwrap_or((0, 0)));
+        let first = self.sorted.is_some_and(|s| s.is_none());
+        clusters.iter().enumerate().all(|(i, c)| {
+            let key = (self.map[c.dev_id as usize], c.cluster_num);
+            let ordered = match &mut last {
+                None => true,
+                Some(l) => {
+                    let ok = (first && i == 0) || key > *l;
+                    *l = key;
+                    ok
+                }
+            };
+            ordered && !self.spool.contains(key.0, key.1)
+        })
+    }
+}
+
 impl<W: Write> ClusterSink for MergeSink<'_, W> {
+    /// An extent of the base that the stream does not touch and that
+    /// fills an extent of the output of its own goes out as it came: its
+    /// data straight from the reader's buffer, its verified CRC-32 reused
+    /// ([`Writer::write_extent`]); the same bytes as cluster by cluster.
+    fn checked_extent(
+        &mut self,
+        data: &[u8],
+        data_checksum: Option<u32>,
+        clusters: &[Cluster<'_>],
+    ) -> io::Result<(usize, Flow)> {
+        if clusters.len() != vma_format::WRITER_CLUSTERS_PER_EXTENT || !self.untouched(clusters) {
+            return self.extent_clusters(data, clusters);
+        }
+        let mut out = [Cluster {
+            dev_id: 0,
+            cluster_num: 0,
+            mask: BlockMask::EMPTY,
+            data: &[],
+        }; vma_format::WRITER_CLUSTERS_PER_EXTENT];
+        for (o, c) in out.iter_mut().zip(clusters) {
+            *o = Cluster {
+                dev_id: self.map[c.dev_id as usize],
+                ..*c
+            };
+        }
+        if let Err(e) = self.writer.write_extent(&out, data, data_checksum) {
+            self.error = Some(EncodeError::output(e));
+            return Err(io::Error::other("output"));
+        }
+        for c in &out {
+            let zero = (vma_format::BLOCKS_PER_CLUSTER - c.mask.count()) as u64
+                * vma_format::BLOCK_SIZE as u64;
+            self.progress
+                .clusters(c.dev_id, u64::from(c.cluster_num), 1, zero);
+        }
+        self.from_base += out.len() as u64;
+        self.whole_extents += 1;
+        if let Some(last) = &mut self.sorted {
+            *last = out.last().map(|c| (c.dev_id, c.cluster_num));
+        }
+        Ok((clusters.len(), Flow::Continue))
+    }
+
     fn cluster(&mut self, c: &Cluster<'_>) -> io::Result<Flow> {
         let dev_id = self.map[c.dev_id as usize];
         let n = c.cluster_num;
@@ -254,7 +326,7 @@ impl<W: Write> ClusterSink for MergeSink<'_, W> {
                         Failure::new(
                             vma_cli::exit::USAGE,
                             format!(
-                                "{}: not in (device, cluster) order (device {dev_id} cluster {n} after device {d} cluster {m}): --sorted with --base needs a base written with --sorted (merge without --sorted, or write the base again with vma-encode --sorted)",
+                                "{}: not in (device, cluster) order (device {dev_id} cluster {n} after device {d} cluster {m}): --sorted reads a compressed or piped base as it comes, so it must have been written with --sorted (merge without --sorted, decompress the base to a file, or write it again with vma-encode --sorted)",
                                 self.base_name
                             ),
                         )
@@ -309,6 +381,8 @@ pub struct MergeStats {
     pub from_base: u64,
     /// Bytes the spool put in its temporary file.
     pub spilled: u64,
+    /// Extents of the base written on whole (data and checksum reused).
+    pub whole_extents: u64,
 }
 
 /// Writes the base's clusters, each replaced by the spool's where it has
@@ -333,6 +407,7 @@ pub fn merge<R: Read, W: Write>(
         error: None,
         from_stream: 0,
         from_base: 0,
+        whole_extents: 0,
         sorted: sorted.then_some(None),
         base_name,
     };
@@ -345,18 +420,25 @@ pub fn merge<R: Read, W: Write>(
         from_stream: sink.from_stream,
         from_base: sink.from_base,
         spilled,
+        whole_extents: sink.whole_extents,
     };
-    if !spool.is_empty() {
-        // Every cluster of the base came (the reader checks), and the
-        // stream's are inside the same devices: cannot happen.
-        return Err(Failure::new(
-            vma_cli::exit::DAMAGED,
-            format!(
-                "{base_name}: {} clusters of the stream have no place in the archive",
-                spool.len()
-            ),
-        )
-        .into());
-    }
+    check_spool_empty(base_name, spool)?;
     Ok(stats)
+}
+
+/// After a merge: every cluster of the stream found its place in the base.
+pub fn check_spool_empty(base_name: &str, spool: &Spool) -> Result<(), EncodeError> {
+    if spool.is_empty() {
+        return Ok(());
+    }
+    // Every cluster of the base came (the reader checks), and the stream's
+    // are inside the same devices: cannot happen.
+    Err(Failure::new(
+        vma_cli::exit::DAMAGED,
+        format!(
+            "{base_name}: {} clusters of the stream have no place in the archive",
+            spool.len()
+        ),
+    )
+    .into())
 }

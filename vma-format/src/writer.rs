@@ -574,5 +574,7 @@ fn write_error(e: std::io::Error) -> Error {
     Error::io(None, "write failed", e)
 }
 
+mod whole;
+
 #[cfg(test)]
 mod batch_tests;

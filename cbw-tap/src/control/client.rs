@@ -26,6 +26,10 @@ pub struct BackupClient {
     /// Shell command run right after the instant (e.g. thaw), also when the
     /// pre hook or the request failed.
     pub post: Option<String>,
+    /// Where to put the device bytes the stream will cover once the server
+    /// says (the progress total: an incremental stream covers only the
+    /// changed clusters).
+    pub total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A failed backup: the message (one line) and the exit code, plus the
@@ -138,6 +142,20 @@ impl BackupClient {
     /// caused. None of them waits for the consumer: the server has stopped
     /// writing to it when its final status comes.
     pub fn run(&self, out: impl AsFd) -> Result<Stats, BackupFailure> {
+        self.run_with(out, &mut || Ok(()))
+    }
+
+    /// [`run`](Self::run) for a consumer the client runs itself
+    /// (`options.confirm`): `out` is closed once handed to the server; once
+    /// the stream is finished, `consumer_done` waits for the consumer
+    /// (after closing whatever else feeds it) and says whether it
+    /// succeeded. Only then is the server told to record the backup as
+    /// completed; else the run fails with its message.
+    pub fn run_with(
+        &self,
+        out: impl AsFd,
+        consumer_done: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Stats, BackupFailure> {
         let ctl = self.control.display().to_string();
         let conn = UnixStream::connect(&self.control)
             .map_err(|e| Failure::new(exit::IO, format!("{ctl}: cannot connect: {e}")))?;
@@ -154,6 +172,11 @@ impl BackupClient {
         let sent = line_of(&request(&self.options)).and_then(|l| send_with_fd(&conn, &l, out));
         let mut rd = BufReader::new(&conn);
         let reply = sent.and_then(|()| read_line::<Reply>(&mut rd, "reply"));
+        if let (Some(total), Ok(r)) = (&self.total, &reply) {
+            // At once: the stream is already flowing.
+            let bytes = r.bytes.unwrap_or(crate::cli::NO_TOTAL);
+            total.store(bytes, std::sync::atomic::Ordering::Release);
+        }
         if let Some(post) = &self.post {
             if let Err(e) = run_hook("post", post) {
                 // The instant is taken; a failed thaw is worth a warning,
@@ -193,6 +216,33 @@ impl BackupClient {
             )
         })?;
         let stats = status.stats.map(Box::new);
+        if status.ok && self.options.confirm {
+            if let Err(why) = consumer_done() {
+                // Closing the connection unconfirmed: not completed.
+                return Err(BackupFailure {
+                    failure: Failure::new(
+                        exit::IO,
+                        format!("{why} after the stream ended: the backup is not recorded as completed (the next backup is full)"),
+                    ),
+                    stats,
+                });
+            }
+            let mut w = &conn;
+            let confirmed = w.write_all(b"Y").and_then(|()| {
+                // The server records it, then closes the connection.
+                let mut rest = Vec::new();
+                io::Read::read_to_end(&mut rd, &mut rest).map(|_| ())
+            });
+            if let Err(e) = confirmed {
+                return Err(BackupFailure {
+                    failure: Failure::new(
+                        exit::IO,
+                        format!("{ctl}: the consumer succeeded but the server could not be told ({e}): the backup may not be recorded as completed"),
+                    ),
+                    stats,
+                });
+            }
+        }
         if status.ok {
             return Ok(stats.map(|s| *s).unwrap_or_default());
         }

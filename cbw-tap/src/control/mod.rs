@@ -9,7 +9,8 @@
 //!    optional `"fleecing":"/ABSOLUTE/PATH"`), sent with the client's
 //!    stdout attached (`SCM_RIGHTS`): the server writes the cluster stream
 //!    straight into it, so no byte of the stream passes through the client;
-//! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}]}`
+//! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}],"bytes":B}`
+//!    (B: the device bytes the stream's clusters cover, the progress total)
 //!    once the instant is taken, or `{"ok":false,"error":"…"}` (e.g. a
 //!    backup is already running) and the connection ends;
 //! 3. server → client, once the stream is over (finished, or aborted and
@@ -19,7 +20,14 @@
 //!    ran (the consumer is gone) and `"output_stalled":true` if the server
 //!    gave up on a consumer that did not read after the backup was over.
 //!
-//! The client sends nothing after the request: if the connection closes
+//! 4. with `"confirm":true` in the request (`cbw-tap backup -- CONSUMER…`,
+//!    which runs the consumer itself), after a finished stream: client →
+//!    server one byte `Y` once the consumer has exited 0; only then does
+//!    the server record the backup as completed (the base of the next
+//!    incremental one), and it closes the connection after recording. If
+//!    the connection closes without it, the backup is not completed.
+//!
+//! The client sends nothing else after the request: if the connection closes
 //! (the client died), the server aborts the backup. A slow consumer only
 //! slows the backup down (guest writes are protected by `cbw_timeout` and
 //! the policy); once a backup is aborted, the server stops writing to a
@@ -64,6 +72,10 @@ pub struct Request {
     /// The archive uuid (`--uuid-from`), 32 hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// The client runs the consumer and confirms its success after the
+    /// final status: only then is the backup completed (see step 4).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirm: bool,
 }
 
 /// A device of the backup, in the reply.
@@ -96,6 +108,11 @@ pub struct Reply {
     /// instant. Absent: the backup is full.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<(String, i64)>,
+    /// Bytes of the devices the stream's clusters will cover (64 KiB per
+    /// cluster, less past a device's end): the devices' sizes for a full
+    /// backup, the changed clusters' for an incremental one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 /// The final status of a backup.
@@ -207,6 +224,7 @@ pub fn request(options: &BackupOptions) -> Request {
             .map(|p| p.to_string_lossy().into_owned()),
         incremental: options.incremental,
         uuid: options.uuid.map(|u| hex(&u)),
+        confirm: options.confirm,
     }
 }
 
@@ -243,6 +261,7 @@ pub fn parse_request(line: &[u8]) -> Result<BackupOptions, RequestError> {
         o.bwlimit = Some(b);
     }
     o.incremental = r.incremental;
+    o.confirm = r.confirm;
     if let Some(u) = r.uuid {
         o.uuid = Some(unhex16(&u).ok_or(RequestError::Uuid)?);
     }
@@ -263,10 +282,12 @@ mod tests {
             fleecing: Some("/tmp/f".into()),
             incremental: true,
             uuid: Some([0xa5; 16]),
+            confirm: true,
         };
         let line = line_of(&request(&o)).unwrap();
         let back = parse_request(&line).unwrap();
         assert!(back.incremental);
+        assert!(back.confirm);
         assert_eq!(back.uuid, Some([0xa5; 16]));
         assert_eq!(
             (back.buffer, back.cbw_timeout, back.policy, back.bwlimit),

@@ -127,6 +127,7 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
             .identity()
             .base
             .map(|b| (super::hex(&b.uuid), b.time)),
+        bytes: Some(backup.expected_bytes()),
     };
     if write_line(&mut out, &reply).is_err() {
         backup.abort("the backup client went away before the backup started");
@@ -140,8 +141,10 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
             .name("cbw-watch".into())
             .spawn(move || {
                 let mut b = [0u8; 1];
-                let _ = reader.read(&mut b);
+                let got = reader.read(&mut b);
                 backup.abort("the backup client went away (control connection closed)");
+                // After a finished stream: the client's confirmation.
+                matches!(got, Ok(1)).then_some(b[0])
             })
             .ok()
     });
@@ -162,10 +165,21 @@ pub fn handle_control(engine: &Arc<Engine>, stream: UnixStream) -> Option<Outcom
         output_error: report.error(),
         output_stalled: report.stalled(),
     };
-    let _ = write_line(&mut out, &status);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    if let Some(w) = watcher {
-        let _ = w.join();
+    let sent = write_line(&mut out, &status).is_ok();
+    let confirm = backup.options().confirm;
+    if confirm && sent && result.is_ok() {
+        // The client runs the consumer: completed only once it says the
+        // consumer succeeded (`Y`); recorded before the connection closes.
+        let said = watcher.and_then(|w| w.join().ok().flatten());
+        if said == Some(b'Y') && !engine.confirm(&backup) {
+            eprintln!("cbw-tap serve: a later backup began before this one was confirmed: not recorded as the base");
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    } else {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
     }
     Some(Outcome {
         time: backup.time(),

@@ -94,6 +94,11 @@ pub struct Backup {
     pub(super) identity: BackupIdentity,
     /// Clusters the stream carries: all, or those changed since the base.
     pub(super) expected: u64,
+    /// Bytes of the devices those clusters cover (64 KiB each, less past
+    /// a device's end): what progress counts up to.
+    pub(super) expected_bytes: u64,
+    /// The changes' generation at its instant ([`super::Engine::confirm`]).
+    pub(super) generation: u64,
     pub(super) exports: Vec<ExportCopy>,
     pub(super) queue: CaptureQueue,
     pub(super) options: BackupOptions,
@@ -145,6 +150,8 @@ impl Backup {
             time: 0,
             identity: BackupIdentity { uuid, base: None },
             expected: exports.iter().map(|e| e.clusters).sum(),
+            expected_bytes: exports.iter().map(|e| e.size).sum(),
+            generation: 0,
             queue: CaptureQueue::new(options.buffer, fleece),
             counters: Counters::new(exports.len()),
             exports,
@@ -169,6 +176,20 @@ impl Backup {
             }
             self.expected += set.count();
         }
+        self.expected_bytes = self
+            .exports
+            .iter()
+            .zip(changed)
+            .map(|(ex, set)| {
+                // The last cluster covers the device only up to its end.
+                let short = if ex.clusters > 0 && set.contains(ex.clusters - 1) {
+                    ex.clusters * CS - ex.size
+                } else {
+                    0
+                };
+                set.count() * CS - short
+            })
+            .sum();
         self.identity.base = Some(base);
     }
 
@@ -199,6 +220,12 @@ impl Backup {
     /// Clusters the stream carries (all of them for a full backup).
     pub fn expected_clusters(&self) -> u64 {
         self.expected
+    }
+
+    /// Bytes of the devices the stream's clusters cover (the devices'
+    /// sizes for a full backup): the progress total.
+    pub fn expected_bytes(&self) -> u64 {
+        self.expected_bytes
     }
 
     /// The options it runs with.

@@ -46,6 +46,8 @@ pub struct Changes {
     sets: Vec<Mutex<ClusterSet>>,
     clusters: Vec<u64>,
     base: Mutex<Option<BaseRef>>,
+    /// Takes so far (see [`Changes::generation`]).
+    takes: std::sync::atomic::AtomicU64,
 }
 
 impl Changes {
@@ -58,6 +60,7 @@ impl Changes {
                 .collect(),
             clusters,
             base: Mutex::new(None),
+            takes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -77,6 +80,7 @@ impl Changes {
     /// they are relative to; recording starts afresh and there is no base
     /// until [`completed`](Self::completed).
     pub(super) fn take(&self) -> (Vec<ClusterSet>, Option<BaseRef>) {
+        self.takes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let sets = self
             .sets
             .iter()
@@ -86,10 +90,22 @@ impl Changes {
         (sets, lock(&self.base).take())
     }
 
-    /// A backup taken at the last [`take`](Self::take) finished its
-    /// stream: it is the base of the next incremental backup.
-    pub(super) fn completed(&self, base: BaseRef) {
-        *lock(&self.base) = Some(base);
+    /// How many times [`take`](Self::take) was called: a backup's
+    /// instant is the `generation()` just after its take.
+    pub(super) fn generation(&self) -> u64 {
+        self.takes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The backup whose take was `generation` finished its stream (and,
+    /// if asked, its consumer succeeded): it is the base of the next
+    /// incremental backup — if no take came since (false then).
+    pub(super) fn completed(&self, base: BaseRef, generation: u64) -> bool {
+        let mut b = lock(&self.base);
+        if self.generation() != generation {
+            return false;
+        }
+        *b = Some(base);
+        true
     }
 
     /// The base of the next incremental backup, if there is one.

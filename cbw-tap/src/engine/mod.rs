@@ -126,6 +126,10 @@ pub struct BackupOptions {
     /// The archive uuid (default: a random one); with `--uuid-from` the
     /// same for every backup, the instant then tells them apart.
     pub uuid: Option<[u8; 16]>,
+    /// The backup is completed only when [`Engine::confirm`] says so (the
+    /// client saw its consumer succeed), not as soon as the stream is
+    /// finished.
+    pub confirm: bool,
 }
 
 impl Default for BackupOptions {
@@ -138,6 +142,7 @@ impl Default for BackupOptions {
             fleecing: None,
             incremental: false,
             uuid: None,
+            confirm: false,
         }
     }
 }
@@ -307,6 +312,7 @@ impl Engine {
         // The instant: no guest write is in flight while we hold the gate.
         backup.time = now();
         let (changed, base) = self.changes.take();
+        backup.generation = self.changes.generation();
         if let (true, Some(base)) = (incremental, base) {
             backup.make_incremental(&changed, base);
         }
@@ -397,13 +403,24 @@ impl Engine {
             Err(Aborted(backup.abort_reason().unwrap_or_default()))
         });
         let _ = reader.join();
-        if result.is_ok() {
-            self.changes.completed(BaseRef {
-                uuid: backup.identity().uuid,
-                time: backup.time(),
-            });
+        if result.is_ok() && !backup.options.confirm {
+            self.confirm(backup);
         }
         result
+    }
+
+    /// Records `backup` (its stream finished) as completed: the base of the
+    /// next incremental backup — unless another backup has begun since its
+    /// instant (that one took the changes since; recording this base would
+    /// lose them). Returns whether it was recorded.
+    pub fn confirm(&self, backup: &Backup) -> bool {
+        self.changes.completed(
+            BaseRef {
+                uuid: backup.identity().uuid,
+                time: backup.time(),
+            },
+            backup.generation,
+        )
     }
 
     pub(crate) fn gate(&self) -> RwLockReadGuard<'_, Option<Arc<Backup>>> {

@@ -83,6 +83,21 @@ pub trait ClusterSink {
         Ok((clusters.len(), Flow::Continue))
     }
 
+    /// Called by the reader for each extent, instead of
+    /// [`extent_clusters`](Self::extent_clusters) (which the default calls),
+    /// with besides the extent's data checksum when it carried one, it was
+    /// verified, and `data` is the whole of what it covers (every slot
+    /// usable): a sink that writes the extent on (a merge) can reuse it.
+    fn checked_extent(
+        &mut self,
+        data: &[u8],
+        data_checksum: Option<u32>,
+        clusters: &[Cluster<'_>],
+    ) -> io::Result<(usize, Flow)> {
+        let _ = data_checksum;
+        self.extent_clusters(data, clusters)
+    }
+
     /// Called after the last cluster and the end-of-archive checks.
     fn finish(&mut self, _summary: &Summary) -> io::Result<()> {
         Ok(())
@@ -335,7 +350,9 @@ impl<R: Read> Archive<R> {
                 ExtentRead::Data(extent, usable, len, whole) => (extent, usable, len, whole),
             };
             let data = &state.data[..len];
-            if self.deliver(&extent, &usable, data, sink, &mut summary)? == Flow::Stop {
+            // read_extent verified it (a whole extent's only).
+            let crc = extent.data_checksum().filter(|_| whole);
+            if self.deliver(&extent, &usable, data, crc, sink, &mut summary)? == Flow::Stop {
                 summary.stopped = true;
                 break;
             }
@@ -412,12 +429,14 @@ impl<R: Read> Archive<R> {
     }
 
     /// Records and pushes the usable clusters of an extent whose data is
-    /// `data` (complete, or a prefix when the input was truncated).
+    /// `data` (complete, or a prefix when the input was truncated); `crc`:
+    /// its data checksum, verified.
     fn deliver<S: ClusterSink + ?Sized>(
         &mut self,
         extent: &ExtentHeader,
         usable: &[bool; EXTENT_SLOTS],
         data: &[u8],
+        crc: Option<u32>,
         sink: &mut S,
         summary: &mut Summary,
     ) -> Result<Flow, Error> {
@@ -430,6 +449,7 @@ impl<R: Read> Archive<R> {
         let mut clusters = [NONE; EXTENT_SLOTS];
         let mut count = 0;
         let mut at = 0usize;
+        let mut all = true;
         for (i, slot) in extent.slots().iter().enumerate() {
             if slot.dev_id == 0 {
                 continue;
@@ -437,8 +457,10 @@ impl<R: Read> Archive<R> {
             let len = slot.mask.data_len();
             let end = at + len;
             if end > data.len() {
+                all = false;
                 break;
             }
+            all &= usable[i];
             if usable[i] {
                 self.record(slot);
                 clusters[count] = Cluster {
@@ -454,8 +476,9 @@ impl<R: Read> Archive<R> {
         if count == 0 {
             return Ok(Flow::Continue);
         }
+        let crc = crc.filter(|_| all && at == data.len());
         let (taken, flow) = sink
-            .extent_clusters(&data[..at], &clusters[..count])
+            .checked_extent(&data[..at], crc, &clusters[..count])
             .map_err(sink_error)?;
         for c in &clusters[..taken.min(count)] {
             summary.clusters += 1;
