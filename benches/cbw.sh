@@ -31,6 +31,8 @@
 #        BWLIMIT=256M  LIVE_SIZE=1G  LIVE_RUNS=3
 #        BIN=DIR: use the cbw-tap and vma-encode in DIR (e.g. an older
 #        build, for before/after figures) instead of building them
+#        BASE_BIN=DIR: the live section also measures the build in DIR,
+#        round by round interleaved with BIN's (A/B on the same machine state)
 #        SECTIONS="throughput latency live" (which to run)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -169,9 +171,42 @@ fi
 # --------------------------------------------------------------- live backup
 now() { date +%s.%N; }
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+serve_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system clock ticks
+# One round of one build on one image: its own serve (the image locks
+# allow one at a time), t(encode) and t(live) appended to $work/t-enc.TAG
+# and $work/t-live.TAG, peak RSS of the last round in $work/rss-*.TAG.
+live_round() { # bindir tag image
+  local b=$1 tag=$2 limg=$3 spid t0 t1 t2
+  rm -f "$work/live.sock" "$work/live.sock.ctl"
+  "$b/cbw-tap" serve --socket "$work/live.sock" drive-scsi0="$limg" 2>"$work/live-serve.log" &
+  spid=$!
+  pids+=($spid)
+  wait_sock "$work/live.sock.ctl"
+  t0=$(now)
+  /usr/bin/time -o "$work/rss-enc.$tag" -f '%M %U %S' "$b/vma-encode" drive-scsi0="$limg" 2>>"$work/live-encode.log" | cat > /dev/null
+  t1=$(now)
+  c0=$(serve_ticks "$spid")
+  /usr/bin/time -o "$work/rss-bk.$tag" -f '%M %U %S' "$b/cbw-tap" backup --control "$work/live.sock.ctl" 2>"$work/live-backup.log" \
+    | /usr/bin/time -o "$work/rss-encs.$tag" -f '%M %U %S' "$b/vma-encode" - 2>>"$work/live-encode.log" | cat > /dev/null
+  t2=$(now)
+  c1=$(serve_ticks "$spid")
+  awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' >> "$work/t-enc.$tag"
+  awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }' >> "$work/t-live.$tag"
+  # CPU seconds (user + system): vma-encode IMG; serve + client + vma-encode -
+  awk '{ print $2 + $3 }' "$work/rss-enc.$tag" >> "$work/c-enc.$tag"
+  cat "$work/rss-bk.$tag" "$work/rss-encs.$tag" | awk -v s="$(( c1 - c0 ))" -v hz="$(getconf CLK_TCK)" \
+    '{ c += $2 + $3 } END { print c + s / hz }' >> "$work/c-live.$tag"
+  awk '/^VmHWM/ { print $2 }' "/proc/$spid/status" > "$work/rss-serve.$tag"
+  kill "$spid"; wait "$spid" 2>/dev/null || true
+}
 if section live; then
+  # BASE_BIN=DIR: also measure the build in DIR, its rounds interleaved
+  # with this one's (same machine state), as line "KIND (base)".
+  tags="new"; [ -n "${BASE_BIN:-}" ] && tags="new base"
   printf '\n== live backup, %s image, page cache warm, median of %s (seconds; ratio = encode / live)\n' "$LIVE_SIZE" "$LIVE_RUNS"
-  printf '%-10s %9s %9s %7s %10s %10s %10s %10s\n' image encode live ratio "serve KiB" "backup KiB" "enc-s KiB" "enc KiB"
+  [ -n "${BASE_BIN:-}" ] && echo "   (base) = $BASE_BIN, rounds interleaved with $bin"
+  echo "   cpu: CPU seconds (user + system) of vma-encode IMG, and of serve + backup client + vma-encode -"
+  printf '%-17s %9s %9s %7s %8s %8s %10s %10s %10s %10s\n' image encode live ratio "cpu enc" "cpu live" "serve KiB" "backup KiB" "enc-s KiB" "enc KiB"
   for kind in random half-zero; do
     limg="$work/live-$kind.raw"
     if [ "$(stat -c %s "$limg" 2>/dev/null)" != "$(numfmt --from=iec "$LIVE_SIZE")" ]; then
@@ -185,27 +220,21 @@ with open(path, "wb") as f:
 PY
     fi
     cat "$limg" > /dev/null
-    rm -f "$work/live.sock" "$work/live.sock.ctl"
-    "$bin/cbw-tap" serve --socket "$work/live.sock" drive-scsi0="$limg" 2>"$work/live-serve.log" &
-    spid=$!
-    pids+=($spid)
-    wait_sock "$work/live.sock.ctl"
-    : > "$work/t-enc"; : > "$work/t-live"
+    for tag in $tags; do : > "$work/t-enc.$tag"; : > "$work/t-live.$tag"; : > "$work/c-enc.$tag"; : > "$work/c-live.$tag"; done
     for _ in $(seq "$LIVE_RUNS"); do
-      t0=$(now)
-      /usr/bin/time -o "$work/rss-enc" -f %M "$bin/vma-encode" drive-scsi0="$limg" 2>>"$work/live-encode.log" | cat > /dev/null
-      t1=$(now)
-      /usr/bin/time -o "$work/rss-bk" -f %M "$bin/cbw-tap" backup --control "$work/live.sock.ctl" 2>"$work/live-backup.log" \
-        | /usr/bin/time -o "$work/rss-encs" -f %M "$bin/vma-encode" - 2>>"$work/live-encode.log" | cat > /dev/null
-      t2=$(now)
-      awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' >> "$work/t-enc"
-      awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }' >> "$work/t-live"
+      for tag in $tags; do
+        b=$bin; [ "$tag" = base ] && b=$BASE_BIN
+        live_round "$b" "$tag" "$limg"
+      done
     done
-    te=$(median < "$work/t-enc"); tl=$(median < "$work/t-live")
-    srss=$(awk '/^VmHWM/ { print $2 }' "/proc/$spid/status")
-    printf '%-10s %9.2f %9.2f %7.2f %10s %10s %10s %10s\n' "$kind" "$te" "$tl" \
-      "$(awk -v a="$te" -v b="$tl" 'BEGIN { print a / b }')" "$srss" \
-      "$(tail -1 "$work/rss-bk")" "$(tail -1 "$work/rss-encs")" "$(tail -1 "$work/rss-enc")"
-    kill "$spid"; wait "$spid" 2>/dev/null || true
+    for tag in $tags; do
+      te=$(median < "$work/t-enc.$tag"); tl=$(median < "$work/t-live.$tag")
+      ce=$(median < "$work/c-enc.$tag"); cl=$(median < "$work/c-live.$tag")
+      label=$kind; [ "$tag" = base ] && label="$kind (base)"
+      printf '%-17s %9.2f %9.2f %7.2f %8.2f %8.2f %10s %10s %10s %10s\n' "$label" "$te" "$tl" \
+        "$(awk -v a="$te" -v b="$tl" 'BEGIN { print a / b }')" "$ce" "$cl" "$(cat "$work/rss-serve.$tag")" \
+        "$(awk '{ print $1 }' "$work/rss-bk.$tag")" "$(awk '{ print $1 }' "$work/rss-encs.$tag")" "$(awk '{ print $1 }' "$work/rss-enc.$tag")"
+    done
   done
+  echo "   load: $(uptime | sed 's/.*load average/load average/')"
 fi
