@@ -9,7 +9,9 @@
 #    at a time, timed by qemu-io per request): p50 and p99 without a backup,
 #    then during a backup `cbw-tap backup | vma-encode - > /dev/null` (a
 #    consumer that keeps up; most writes hit uncopied clusters and pay
-#    the copy-before-write). Ratio = during / without. Three backups: the
+#    the copy-before-write). Ratio = during / without. Only writes timed
+#    while the backup runs count (rounds of $CHUNK, see rounds()); with
+#    SIZE >= 2G a full-speed backup lasts long enough for most of them. Three backups: the
 #    pipeline at full speed and normal priority (it takes both cores of a
 #    2-core machine), the consumer processes at nice 10, and the reader
 #    limited with --bwlimit (default 256M per second, $BWLIMIT).
@@ -27,7 +29,7 @@
 #
 # Usage: benches/cbw.sh [WORKDIR]     (needs ~5 GiB free; qemu-utils, python3)
 # Env:   SIZE=2G (image size)  COUNT=20000 (requests per qemu-img bench run)
-#        WRITES=3000 (timed writes per latency run)  RUNS=3 (best of, throughput)
+#        WRITES=3000 (timed writes per latency run, in qemu-io rounds of CHUNK=250)  RUNS=3 (best of, throughput)
 #        BWLIMIT=256M  LIVE_SIZE=1G  LIVE_RUNS=3
 #        BIN=DIR: use the cbw-tap and vma-encode in DIR (e.g. an older
 #        build, for before/after figures) instead of building them
@@ -41,6 +43,7 @@ mkdir -p "$work"
 SIZE=${SIZE:-2G}
 COUNT=${COUNT:-20000}
 WRITES=${WRITES:-3000}
+CHUNK=${CHUNK:-250}
 RUNS=${RUNS:-3}
 BWLIMIT=${BWLIMIT:-256M}
 LIVE_SIZE=${LIVE_SIZE:-1G}
@@ -109,8 +112,8 @@ fi
 # ------------------------------------------------------------------- latency
 # Writes WRITES x 4 KiB at random offsets through one qemu-io and prints
 # the per-request latencies in microseconds (from qemu-io's ops/sec).
-latencies() { # uri seed
-  python3 - "$1" "$2" "$WRITES" "$(numfmt --from=iec "$SIZE")" <<'PY'
+latencies() { # uri seed [count]
+  python3 - "$1" "$2" "${3:-$WRITES}" "$(numfmt --from=iec "$SIZE")" <<'PY'
 import random, re, subprocess, sys
 uri, seed, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 r = random.Random(seed)
@@ -126,24 +129,43 @@ PY
 }
 pct() { sort -n | awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999999); if (i < 1) i = 1; print a[i] }'; }
 
+# The timed writes go in rounds of $CHUNK (one qemu-io each): during a
+# backup a round counts only if the backup was still running when it
+# ended, so no write timed after the backup is mixed in (a fast backup of
+# a small image ends before $WRITES writes are done; then fewer count —
+# the line says how many). Idle writes go in the same rounds.
+rounds() { # uri seed out [pid]: up to $WRITES writes, while pid lives
+  local i=0 n=0
+  : > "$3"
+  while [ "$n" -lt "$WRITES" ]; do
+    latencies "$1" $(( $2 * 1000 + i )) "$CHUNK" > "$3.round"
+    i=$(( i + 1 ))
+    if [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null; then break; fi
+    cat "$3.round" >> "$3"
+    n=$(( n + CHUNK ))
+  done
+  rm -f "$3.round"
+}
+
 # during a backup; $1: prefix for the consumer side (e.g. "nice -n 10")
 during() { # nice-prefix seed out [backup flags]
   $1 "$bin/cbw-tap" backup --control "$work/cbw.sock.ctl" --json ${4:-} 2>"$work/backup.json" \
-    | $1 "$bin/vma-encode" - > /dev/null &
+    | $1 "$bin/vma-encode" - 2>/dev/null > /dev/null &
   local bk=$!
   sleep 0.05
-  latencies "$uri_tap" "$2" > "$3"
+  rounds "$uri_tap" "$2" "$3" "$bk"
   local running=yes
   kill -0 $bk 2>/dev/null || running=no
   wait $bk
-  python3 - "$work/backup.json" "$running" <<'PY'
+  python3 - "$work/backup.json" "$running" "$(wc -l < "$3")" <<'PY'
 import json, sys
 line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
 s = json.loads(line)["stats"]
-print("   backup: %d clusters, %d by copy-before-write, %d guest writes delayed (mean %.3f ms, longest %.3f ms), %.2f s; still running after the timed writes: %s"
+print("   backup: %d clusters, %d by copy-before-write, %d guest writes delayed (mean %.3f ms, longest %.3f ms), %.2f s; %s timed writes while it ran%s"
       % (s["clusters_emitted"], s["cbw_clusters"], s["guest_writes_delayed"],
          s["total_delay_seconds"] * 1000 / max(1, s["guest_writes_delayed"]),
-         s["longest_delay_seconds"] * 1000, s["elapsed_seconds"], sys.argv[2]))
+         s["longest_delay_seconds"] * 1000, s["elapsed_seconds"], sys.argv[3],
+         "" if sys.argv[2] == "no" else " (stopped at WRITES, backup still running)"))
 PY
 }
 
@@ -154,9 +176,13 @@ if section latency; then
 printf '\n== guest write latency, %s x 4 KiB random writes (microseconds; x = during / idle)\n' "$WRITES"
 printf '%-38s %8s %8s %8s %8s %7s %7s\n' "" "idle p50" "p99" "bk p50" "p99" "p50 x" "p99 x"
 scenario() { # label nice-prefix seed [backup flags]
-  latencies "$uri_tap" "$3" > "$work/lat-idle.txt"
+  rounds "$uri_tap" "$3" "$work/lat-idle.txt"
   local stats; stats=$(during "$2" $(( $3 + 1 )) "$work/lat-backup.txt" "${4:-}")
   local a50 a99 b50 b99
+  if [ ! -s "$work/lat-backup.txt" ]; then
+    printf '%-38s no round of %s writes ended while the backup ran (larger SIZE?)\n' "$1" "$CHUNK"
+    echo "$stats"; return
+  fi
   a50=$(pct 50 < "$work/lat-idle.txt"); a99=$(pct 99 < "$work/lat-idle.txt")
   b50=$(pct 50 < "$work/lat-backup.txt"); b99=$(pct 99 < "$work/lat-backup.txt")
   printf '%-38s %8s %8s %8s %8s %7.2f %7.2f\n' "$1" "$a50" "$a99" "$b50" "$b99" \
