@@ -9,7 +9,9 @@
 #    at a time, timed by qemu-io per request): p50 and p99 without a backup,
 #    then during a backup `cbw-tap backup | vma-encode - > /dev/null` (a
 #    consumer that keeps up; most writes hit uncopied clusters and pay
-#    the copy-before-write). Ratio = during / without. Three backups: the
+#    the copy-before-write). Ratio = during / without. Only writes timed
+#    while the backup runs count (rounds of $CHUNK, see rounds()); with
+#    SIZE >= 2G a full-speed backup lasts long enough for most of them. Three backups: the
 #    pipeline at full speed and normal priority (it takes both cores of a
 #    2-core machine), the consumer processes at nice 10, and the reader
 #    limited with --bwlimit (default 256M per second, $BWLIMIT).
@@ -27,10 +29,12 @@
 #
 # Usage: benches/cbw.sh [WORKDIR]     (needs ~5 GiB free; qemu-utils, python3)
 # Env:   SIZE=2G (image size)  COUNT=20000 (requests per qemu-img bench run)
-#        WRITES=3000 (timed writes per latency run)  RUNS=3 (best of, throughput)
+#        WRITES=3000 (timed writes per latency run, in qemu-io rounds of CHUNK=250)  RUNS=3 (best of, throughput)
 #        BWLIMIT=256M  LIVE_SIZE=1G  LIVE_RUNS=3
 #        BIN=DIR: use the cbw-tap and vma-encode in DIR (e.g. an older
 #        build, for before/after figures) instead of building them
+#        BASE_BIN=DIR: the live section also measures the build in DIR,
+#        round by round interleaved with BIN's (A/B on the same machine state)
 #        SECTIONS="throughput latency live" (which to run)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,6 +43,7 @@ mkdir -p "$work"
 SIZE=${SIZE:-2G}
 COUNT=${COUNT:-20000}
 WRITES=${WRITES:-3000}
+CHUNK=${CHUNK:-250}
 RUNS=${RUNS:-3}
 BWLIMIT=${BWLIMIT:-256M}
 LIVE_SIZE=${LIVE_SIZE:-1G}
@@ -107,8 +112,8 @@ fi
 # ------------------------------------------------------------------- latency
 # Writes WRITES x 4 KiB at random offsets through one qemu-io and prints
 # the per-request latencies in microseconds (from qemu-io's ops/sec).
-latencies() { # uri seed
-  python3 - "$1" "$2" "$WRITES" "$(numfmt --from=iec "$SIZE")" <<'PY'
+latencies() { # uri seed [count]
+  python3 - "$1" "$2" "${3:-$WRITES}" "$(numfmt --from=iec "$SIZE")" <<'PY'
 import random, re, subprocess, sys
 uri, seed, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 r = random.Random(seed)
@@ -124,24 +129,43 @@ PY
 }
 pct() { sort -n | awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999999); if (i < 1) i = 1; print a[i] }'; }
 
+# The timed writes go in rounds of $CHUNK (one qemu-io each): during a
+# backup a round counts only if the backup was still running when it
+# ended, so no write timed after the backup is mixed in (a fast backup of
+# a small image ends before $WRITES writes are done; then fewer count —
+# the line says how many). Idle writes go in the same rounds.
+rounds() { # uri seed out [pid]: up to $WRITES writes, while pid lives
+  local i=0 n=0
+  : > "$3"
+  while [ "$n" -lt "$WRITES" ]; do
+    latencies "$1" $(( $2 * 1000 + i )) "$CHUNK" > "$3.round"
+    i=$(( i + 1 ))
+    if [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null; then break; fi
+    cat "$3.round" >> "$3"
+    n=$(( n + CHUNK ))
+  done
+  rm -f "$3.round"
+}
+
 # during a backup; $1: prefix for the consumer side (e.g. "nice -n 10")
 during() { # nice-prefix seed out [backup flags]
   $1 "$bin/cbw-tap" backup --control "$work/cbw.sock.ctl" --json ${4:-} 2>"$work/backup.json" \
-    | $1 "$bin/vma-encode" - > /dev/null &
+    | $1 "$bin/vma-encode" - 2>/dev/null > /dev/null &
   local bk=$!
   sleep 0.05
-  latencies "$uri_tap" "$2" > "$3"
+  rounds "$uri_tap" "$2" "$3" "$bk"
   local running=yes
   kill -0 $bk 2>/dev/null || running=no
   wait $bk
-  python3 - "$work/backup.json" "$running" <<'PY'
+  python3 - "$work/backup.json" "$running" "$(wc -l < "$3")" <<'PY'
 import json, sys
 line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
 s = json.loads(line)["stats"]
-print("   backup: %d clusters, %d by copy-before-write, %d guest writes delayed (mean %.3f ms, longest %.3f ms), %.2f s; still running after the timed writes: %s"
+print("   backup: %d clusters, %d by copy-before-write, %d guest writes delayed (mean %.3f ms, longest %.3f ms), %.2f s; %s timed writes while it ran%s"
       % (s["clusters_emitted"], s["cbw_clusters"], s["guest_writes_delayed"],
          s["total_delay_seconds"] * 1000 / max(1, s["guest_writes_delayed"]),
-         s["longest_delay_seconds"] * 1000, s["elapsed_seconds"], sys.argv[2]))
+         s["longest_delay_seconds"] * 1000, s["elapsed_seconds"], sys.argv[3],
+         "" if sys.argv[2] == "no" else " (stopped at WRITES, backup still running)"))
 PY
 }
 
@@ -152,9 +176,13 @@ if section latency; then
 printf '\n== guest write latency, %s x 4 KiB random writes (microseconds; x = during / idle)\n' "$WRITES"
 printf '%-38s %8s %8s %8s %8s %7s %7s\n' "" "idle p50" "p99" "bk p50" "p99" "p50 x" "p99 x"
 scenario() { # label nice-prefix seed [backup flags]
-  latencies "$uri_tap" "$3" > "$work/lat-idle.txt"
+  rounds "$uri_tap" "$3" "$work/lat-idle.txt"
   local stats; stats=$(during "$2" $(( $3 + 1 )) "$work/lat-backup.txt" "${4:-}")
   local a50 a99 b50 b99
+  if [ ! -s "$work/lat-backup.txt" ]; then
+    printf '%-38s no round of %s writes ended while the backup ran (larger SIZE?)\n' "$1" "$CHUNK"
+    echo "$stats"; return
+  fi
   a50=$(pct 50 < "$work/lat-idle.txt"); a99=$(pct 99 < "$work/lat-idle.txt")
   b50=$(pct 50 < "$work/lat-backup.txt"); b99=$(pct 99 < "$work/lat-backup.txt")
   printf '%-38s %8s %8s %8s %8s %7.2f %7.2f\n' "$1" "$a50" "$a99" "$b50" "$b99" \
@@ -169,9 +197,42 @@ fi
 # --------------------------------------------------------------- live backup
 now() { date +%s.%N; }
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+serve_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system clock ticks
+# One round of one build on one image: its own serve (the image locks
+# allow one at a time), t(encode) and t(live) appended to $work/t-enc.TAG
+# and $work/t-live.TAG, peak RSS of the last round in $work/rss-*.TAG.
+live_round() { # bindir tag image
+  local b=$1 tag=$2 limg=$3 spid t0 t1 t2
+  rm -f "$work/live.sock" "$work/live.sock.ctl"
+  "$b/cbw-tap" serve --socket "$work/live.sock" drive-scsi0="$limg" 2>"$work/live-serve.log" &
+  spid=$!
+  pids+=($spid)
+  wait_sock "$work/live.sock.ctl"
+  t0=$(now)
+  /usr/bin/time -o "$work/rss-enc.$tag" -f '%M %U %S' "$b/vma-encode" drive-scsi0="$limg" 2>>"$work/live-encode.log" | cat > /dev/null
+  t1=$(now)
+  c0=$(serve_ticks "$spid")
+  /usr/bin/time -o "$work/rss-bk.$tag" -f '%M %U %S' "$b/cbw-tap" backup --control "$work/live.sock.ctl" 2>"$work/live-backup.log" \
+    | /usr/bin/time -o "$work/rss-encs.$tag" -f '%M %U %S' "$b/vma-encode" - 2>>"$work/live-encode.log" | cat > /dev/null
+  t2=$(now)
+  c1=$(serve_ticks "$spid")
+  awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' >> "$work/t-enc.$tag"
+  awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }' >> "$work/t-live.$tag"
+  # CPU seconds (user + system): vma-encode IMG; serve + client + vma-encode -
+  awk '{ print $2 + $3 }' "$work/rss-enc.$tag" >> "$work/c-enc.$tag"
+  cat "$work/rss-bk.$tag" "$work/rss-encs.$tag" | awk -v s="$(( c1 - c0 ))" -v hz="$(getconf CLK_TCK)" \
+    '{ c += $2 + $3 } END { print c + s / hz }' >> "$work/c-live.$tag"
+  awk '/^VmHWM/ { print $2 }' "/proc/$spid/status" > "$work/rss-serve.$tag"
+  kill "$spid"; wait "$spid" 2>/dev/null || true
+}
 if section live; then
+  # BASE_BIN=DIR: also measure the build in DIR, its rounds interleaved
+  # with this one's (same machine state), as line "KIND (base)".
+  tags="new"; [ -n "${BASE_BIN:-}" ] && tags="new base"
   printf '\n== live backup, %s image, page cache warm, median of %s (seconds; ratio = encode / live)\n' "$LIVE_SIZE" "$LIVE_RUNS"
-  printf '%-10s %9s %9s %7s %10s %10s %10s %10s\n' image encode live ratio "serve KiB" "backup KiB" "enc-s KiB" "enc KiB"
+  [ -n "${BASE_BIN:-}" ] && echo "   (base) = $BASE_BIN, rounds interleaved with $bin"
+  echo "   cpu: CPU seconds (user + system) of vma-encode IMG, and of serve + backup client + vma-encode -"
+  printf '%-17s %9s %9s %7s %8s %8s %10s %10s %10s %10s\n' image encode live ratio "cpu enc" "cpu live" "serve KiB" "backup KiB" "enc-s KiB" "enc KiB"
   for kind in random half-zero; do
     limg="$work/live-$kind.raw"
     if [ "$(stat -c %s "$limg" 2>/dev/null)" != "$(numfmt --from=iec "$LIVE_SIZE")" ]; then
@@ -185,27 +246,21 @@ with open(path, "wb") as f:
 PY
     fi
     cat "$limg" > /dev/null
-    rm -f "$work/live.sock" "$work/live.sock.ctl"
-    "$bin/cbw-tap" serve --socket "$work/live.sock" drive-scsi0="$limg" 2>"$work/live-serve.log" &
-    spid=$!
-    pids+=($spid)
-    wait_sock "$work/live.sock.ctl"
-    : > "$work/t-enc"; : > "$work/t-live"
+    for tag in $tags; do : > "$work/t-enc.$tag"; : > "$work/t-live.$tag"; : > "$work/c-enc.$tag"; : > "$work/c-live.$tag"; done
     for _ in $(seq "$LIVE_RUNS"); do
-      t0=$(now)
-      /usr/bin/time -o "$work/rss-enc" -f %M "$bin/vma-encode" drive-scsi0="$limg" 2>>"$work/live-encode.log" | cat > /dev/null
-      t1=$(now)
-      /usr/bin/time -o "$work/rss-bk" -f %M "$bin/cbw-tap" backup --control "$work/live.sock.ctl" 2>"$work/live-backup.log" \
-        | /usr/bin/time -o "$work/rss-encs" -f %M "$bin/vma-encode" - 2>>"$work/live-encode.log" | cat > /dev/null
-      t2=$(now)
-      awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' >> "$work/t-enc"
-      awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }' >> "$work/t-live"
+      for tag in $tags; do
+        b=$bin; [ "$tag" = base ] && b=$BASE_BIN
+        live_round "$b" "$tag" "$limg"
+      done
     done
-    te=$(median < "$work/t-enc"); tl=$(median < "$work/t-live")
-    srss=$(awk '/^VmHWM/ { print $2 }' "/proc/$spid/status")
-    printf '%-10s %9.2f %9.2f %7.2f %10s %10s %10s %10s\n' "$kind" "$te" "$tl" \
-      "$(awk -v a="$te" -v b="$tl" 'BEGIN { print a / b }')" "$srss" \
-      "$(tail -1 "$work/rss-bk")" "$(tail -1 "$work/rss-encs")" "$(tail -1 "$work/rss-enc")"
-    kill "$spid"; wait "$spid" 2>/dev/null || true
+    for tag in $tags; do
+      te=$(median < "$work/t-enc.$tag"); tl=$(median < "$work/t-live.$tag")
+      ce=$(median < "$work/c-enc.$tag"); cl=$(median < "$work/c-live.$tag")
+      label=$kind; [ "$tag" = base ] && label="$kind (base)"
+      printf '%-17s %9.2f %9.2f %7.2f %8.2f %8.2f %10s %10s %10s %10s\n' "$label" "$te" "$tl" \
+        "$(awk -v a="$te" -v b="$tl" 'BEGIN { print a / b }')" "$ce" "$cl" "$(cat "$work/rss-serve.$tag")" \
+        "$(awk '{ print $1 }' "$work/rss-bk.$tag")" "$(awk '{ print $1 }' "$work/rss-encs.$tag")" "$(awk '{ print $1 }' "$work/rss-enc.$tag")"
+    done
   done
+  echo "   load: $(uptime | sed 's/.*load average/load average/')"
 fi

@@ -152,6 +152,15 @@ impl Default for BackupOptions {
 pub trait CaptureSink {
     /// Takes one captured cluster.
     fn cluster(&mut self, cluster: &Cluster<'_>) -> io::Result<()>;
+    /// Takes several captured clusters, in order (the stream sink writes
+    /// them with one `writev`); by default one [`cluster`](Self::cluster)
+    /// each.
+    fn clusters<'a>(&mut self, clusters: impl Iterator<Item = Cluster<'a>>) -> io::Result<()> {
+        for c in clusters {
+            self.cluster(&c)?;
+        }
+        Ok(())
+    }
     /// Every cluster was delivered: complete the output.
     fn finish(self) -> io::Result<()>;
     /// The backup failed for `reason`: mark the output as failed if possible.

@@ -23,18 +23,16 @@ impl Backup {
                 Err(e) => break Err(e.to_string()),
                 Ok(false) => break Ok(()),
                 Ok(true) => {
-                    let mut failed = None;
-                    for item in &batch {
-                        if let Err(e) = sink.cluster(&item.as_cluster()) {
-                            failed = Some(e);
-                            break;
-                        }
-                        emitted += 1;
-                        self.counters.emitted.fetch_add(1, Ordering::Relaxed);
+                    let written = sink.clusters(batch.iter().map(Captured::as_cluster));
+                    if written.is_ok() {
+                        emitted += batch.len() as u64;
+                        self.counters
+                            .emitted
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     }
                     self.queue
                         .recycle(batch.drain(..).map(Captured::into_buffer));
-                    if let Some(e) = failed {
+                    if let Err(e) = written {
                         break Err(format!("writing the cluster stream failed: {e}"));
                     }
                 }

@@ -23,13 +23,14 @@
 
 use crate::{MAX_BLOB_SIZE, MAX_DEVICES, MAX_DEVICE_SIZE, VMSTATE_NAME};
 
+mod input;
 mod reader;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 pub use reader::StreamReader;
-pub use writer::StreamWriter;
+pub use writer::{StreamWriter, BATCH_BYTES, BATCH_SLICES};
 
 /// Magic number at the start of every cluster stream.
 pub const MAGIC: [u8; 8] = *b"VMACSTRM";

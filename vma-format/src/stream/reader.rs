@@ -1,10 +1,12 @@
 //! [`StreamReader`]: reads a cluster stream, checking everything.
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
+
+use super::input::{Input, AHEAD, AHEAD_AFTER_LARGE, LARGE_BODY};
 
 use super::{
-    check_devices, StreamDevice, IO_BUFFER, MAGIC, MAX_ABORT_REASON, MAX_NAME_LEN,
-    PREAMBLE_FIXED_SIZE, RECORD_ABORT, RECORD_CLUSTER, RECORD_END, RECORD_HEADER_SIZE, VERSION,
+    check_devices, StreamDevice, MAGIC, MAX_ABORT_REASON, MAX_NAME_LEN, PREAMBLE_FIXED_SIZE,
+    RECORD_ABORT, RECORD_CLUSTER, RECORD_END, RECORD_HEADER_SIZE, VERSION,
 };
 use super::{BackupIdentity, IDENTITY_SIZE, VERSION_IDENTITY};
 use crate::cluster::{BlockMask, Cluster};
@@ -40,10 +42,10 @@ use crate::{CLUSTER_SIZE, MAX_DEVICES};
 /// | a cluster never sent | `device …: cluster N missing` |
 /// | bytes after the end record | `data after the end record` |
 ///
-/// Memory: one 64 KiB record buffer, a 256 KiB read buffer, and a
+/// Memory: one 64 KiB record buffer, a 16 KiB read-ahead buffer, and a
 /// [`ClusterSet`] per device (a few bytes per run of clusters received).
 pub struct StreamReader<R: Read> {
-    inner: BufReader<R>,
+    inner: Input<R>,
     backup_time: i64,
     identity: Option<BackupIdentity>,
     devices: Vec<StreamDevice>,
@@ -59,7 +61,7 @@ pub struct StreamReader<R: Read> {
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the preamble.
     pub fn new(inner: R) -> Result<StreamReader<R>, Error> {
-        let mut inner = BufReader::with_capacity(IO_BUFFER, inner);
+        let mut inner = Input::new(inner);
         let mut crc = crc32fast::Hasher::new();
         let mut fixed = [0u8; PREAMBLE_FIXED_SIZE];
         let got = read_full(&mut inner, &mut fixed).map_err(|e| read_error(Location::Header, e))?;
@@ -240,7 +242,11 @@ impl<R: Read> StreamReader<R> {
         };
         let damaged = |msg: String| Error::damaged(Some(loc), msg);
         let mut head = [0u8; RECORD_HEADER_SIZE];
-        let got = read_full(&mut self.inner, &mut head).map_err(|e| read_error(loc, e))?;
+        // Nothing read ahead: a large body may follow.
+        let got = self
+            .inner
+            .fill(&mut head, 0, 0)
+            .map_err(|e| read_error(loc, e))?;
         if got < RECORD_HEADER_SIZE {
             return Err(damaged(truncated(got, self.records)));
         }
@@ -270,9 +276,21 @@ impl<R: Read> StreamReader<R> {
             Some(room) if kind == RECORD_CLUSTER => &mut room[..len],
             _ => &mut self.body[..len],
         };
-        let got = read_full(&mut self.inner, body).map_err(|e| read_error(loc, e))?;
+        // The body straight into its place, its checksum (and what
+        // follows, see `input`) read ahead in the same call.
+        let room = if len >= LARGE_BODY {
+            AHEAD_AFTER_LARGE
+        } else {
+            AHEAD
+        };
+        let got = self
+            .inner
+            .fill(body, stored.len(), room)
+            .map_err(|e| read_error(loc, e))?;
         let got_crc = if got == len {
-            read_full(&mut self.inner, &mut stored).map_err(|e| read_error(loc, e))?
+            self.inner
+                .fill(&mut stored, 0, 0)
+                .map_err(|e| read_error(loc, e))?
         } else {
             0
         };
@@ -304,7 +322,9 @@ impl<R: Read> StreamReader<R> {
             _ => {
                 self.check_end(a, b, c, len).map_err(damaged)?;
                 let mut byte = [0u8; 1];
-                let more = read_full(&mut self.inner, &mut byte)
+                let more = self
+                    .inner
+                    .fill(&mut byte, 0, 0)
                     .map_err(|e| read_error(Location::End, e))?;
                 if more > 0 {
                     return Err(Error::damaged(

@@ -451,3 +451,96 @@ fn pulled_into_the_writer_as_written_cluster_by_cluster() {
     assert_eq!(n, clusters.len() as u64);
     assert!(one_by_one.finish().unwrap() == pulled.finish().unwrap());
 }
+
+/// A `Write` that keeps the bytes and counts the calls.
+#[derive(Default)]
+struct Counting {
+    bytes: Vec<u8>,
+    writes: usize,
+}
+
+impl std::io::Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.writes += 1;
+        let before = self.bytes.len();
+        for b in bufs {
+            self.bytes.extend_from_slice(b);
+        }
+        Ok(self.bytes.len() - before)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn write_clusters_writes_the_bytes_write_cluster_does() {
+    let devs = vec![StreamDevice::new("drive-scsi0", 4096 * CLUSTER_SIZE as u64)];
+    let masks = [0xffff, 0, 0x0001, 0x00ff, 0, 0, 0xfffe, 0x8000];
+    let clusters: Vec<ClusterBuf> = (0..700u32)
+        .map(|n| cluster(1, n * 3, masks[n as usize % masks.len()]))
+        .collect();
+    let mut one = StreamWriter::new(Vec::new(), 7, &devs).unwrap();
+    for c in &clusters {
+        one.write_cluster(&c.as_cluster()).unwrap();
+    }
+    let one = one.finish().unwrap();
+    for chunk in [1, 5, 64, 700] {
+        let mut many = StreamWriter::new(Vec::new(), 7, &devs).unwrap();
+        for part in clusters.chunks(chunk) {
+            many.write_clusters(part.iter().map(ClusterBuf::as_cluster))
+                .unwrap();
+        }
+        assert_eq!(many.counts(), &[700]);
+        assert!(many.finish().unwrap() == one, "chunks of {chunk}");
+    }
+}
+
+#[test]
+fn write_clusters_batches_up_to_a_mebibyte_a_write() {
+    let devs = vec![StreamDevice::new("drive-scsi0", 64 * CLUSTER_SIZE as u64)];
+    let full: Vec<ClusterBuf> = (0..64).map(|n| cluster(1, n, 0xffff)).collect();
+    let mut w = StreamWriter::new(Counting::default(), 0, &devs).unwrap();
+    w.write_clusters(full.iter().map(ClusterBuf::as_cluster))
+        .unwrap();
+    // 16 records of 64 KiB (and their headers) reach 1 MiB: 4 writes,
+    // the first with the preamble; each record whole once it returns.
+    let out = w.finish().unwrap();
+    assert_eq!(out.writes, 4 + 1, "4 batches and the end record");
+    assert_eq!(read_all(&out.bytes).unwrap().len(), 64);
+
+    // Empty records (holes) are only header and checksum in the buffer:
+    // thousands to a write.
+    let devs = vec![StreamDevice::new("drive-scsi0", 4096 * CLUSTER_SIZE as u64)];
+    let empty: Vec<ClusterBuf> = (0..4096).map(|n| cluster(1, n, 0)).collect();
+    let mut w = StreamWriter::new(Counting::default(), 0, &devs).unwrap();
+    w.write_clusters(empty.iter().map(ClusterBuf::as_cluster))
+        .unwrap();
+    assert_eq!(w.out.writes, 1);
+    let out = w.finish().unwrap();
+    assert_eq!(read_all(&out.bytes).unwrap().len(), 4096);
+}
+
+#[test]
+fn write_clusters_writes_what_precedes_a_refused_cluster() {
+    let mut w = StreamWriter::new(Vec::new(), 0, &devices()).unwrap();
+    let good = cluster(1, 0, 0x0003);
+    let bad = cluster(2, 1, 0);
+    let e = w
+        .write_clusters([
+            good.as_cluster(),
+            bad.as_cluster(),
+            cluster(1, 1, 0).as_cluster(),
+        ])
+        .unwrap_err();
+    assert_eq!(e.to_string(), "cluster 1 is past the end of drive-virtio1");
+    assert_eq!(w.counts(), &[1, 0]);
+    let mut expected = StreamWriter::new(Vec::new(), 0, &devices()).unwrap();
+    expected.write_cluster(&good.as_cluster()).unwrap();
+    assert!(w.out == expected.finish().unwrap()[..w.out.len()]);
+}

@@ -22,8 +22,10 @@ use crate::error::Error;
 /// 16 KiB) is not copied into the buffer: it goes to `W`
 /// in place, in one `write_vectored` after what is buffered (so `W` should
 /// implement `write_vectored`, as files, pipes and `Vec` do).
+/// [`write_clusters`](Self::write_clusters) writes many records in one
+/// `write_vectored`, none of their bodies copied.
 pub struct StreamWriter<W: Write> {
-    out: W,
+    pub(super) out: W,
     buf: Vec<u8>,
     devices: Vec<StreamDevice>,
     counts: Vec<u64>,
@@ -95,6 +97,92 @@ impl<W: Write> StreamWriter<W> {
         if self.failed {
             return Err(Error::invalid("stream writer failed earlier"));
         }
+        let head = self.cluster_header(cluster)?;
+        self.write_record(&head, cluster.data)
+    }
+
+    /// Writes cluster records for `clusters`, in order, several to a
+    /// `write_vectored`: each body in place (never copied into the
+    /// buffer), the record headers and checksums between them in the
+    /// buffer, up to [`BATCH_BYTES`] and [`BATCH_SLICES`] a write. Unlike
+    /// [`write_cluster`](Self::write_cluster), nothing is left in the buffer:
+    /// once this returns, every record has reached `W` whole. Refused as
+    /// `write_cluster` refuses; the records before a refused cluster are
+    /// written, none after it.
+    pub fn write_clusters<'a>(
+        &mut self,
+        clusters: impl IntoIterator<Item = Cluster<'a>>,
+    ) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::invalid("stream writer failed earlier"));
+        }
+        let mut clusters = clusters.into_iter();
+        // Where the bodies go between the buffer's glue: after the buffer's
+        // first `cuts[i]` bytes comes `bodies[i]`.
+        let mut bodies: [&'a [u8]; BATCH_SLICES / 2] = [&[]; BATCH_SLICES / 2];
+        let mut cuts = [0usize; BATCH_SLICES / 2];
+        loop {
+            let (mut n, mut bytes, mut refused, mut done) = (0, 0usize, None, false);
+            while n < bodies.len()
+                && bytes < BATCH_BYTES
+                && self.buf.len() + GLUE <= self.buf.capacity()
+            {
+                let Some(cluster) = clusters.next() else {
+                    done = true;
+                    break;
+                };
+                let head = match self.cluster_header(&cluster) {
+                    Ok(head) => head,
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                };
+                self.buf.extend_from_slice(&head);
+                if !cluster.data.is_empty() {
+                    cuts[n] = self.buf.len();
+                    bodies[n] = cluster.data;
+                    n += 1;
+                }
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&head);
+                crc.update(cluster.data);
+                self.buf.extend_from_slice(&crc.finalize().to_be_bytes());
+                bytes += RECORD_HEADER_SIZE + cluster.data.len() + 4;
+            }
+            self.write_glued(&bodies[..n], &cuts[..n]).map_err(|e| {
+                self.failed = true;
+                write_error(e)
+            })?;
+            if let Some(e) = refused {
+                return Err(e);
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One `write_vectored` (repeated until all is written) of the buffer
+    /// with `bodies[i]` after its first `cuts[i]` bytes; empties the buffer.
+    fn write_glued(&mut self, bodies: &[&[u8]], cuts: &[usize]) -> io::Result<()> {
+        let mut slices = [IoSlice::new(&[]); BATCH_SLICES + 1];
+        let (mut k, mut from) = (0, 0);
+        for (body, &cut) in bodies.iter().zip(cuts) {
+            slices[k] = IoSlice::new(&self.buf[from..cut]);
+            slices[k + 1] = IoSlice::new(body);
+            k += 2;
+            from = cut;
+        }
+        slices[k] = IoSlice::new(&self.buf[from..]);
+        let res = write_all_vectored(&mut self.out, &mut slices[..k + 1]);
+        self.buf.clear();
+        res
+    }
+
+    /// The record header of `cluster`, counted; refused as
+    /// [`write_cluster`](Self::write_cluster) says.
+    fn cluster_header(&mut self, cluster: &Cluster<'_>) -> Result<[u8; RECORD_HEADER_SIZE], Error> {
         let dev = cluster
             .dev_id
             .checked_sub(1)
@@ -115,15 +203,14 @@ impl<W: Write> StreamWriter<W> {
                 cluster.mask.count()
             )));
         }
-        let head = record_header(
+        self.counts[cluster.dev_id as usize - 1] += 1;
+        Ok(record_header(
             RECORD_CLUSTER,
             cluster.dev_id,
             cluster.mask.0,
             cluster.cluster_num,
             cluster.data.len() as u32,
-        );
-        self.counts[cluster.dev_id as usize - 1] += 1;
-        self.write_record(&head, cluster.data)
+        ))
     }
 
     fn write_record(&mut self, head: &[u8; RECORD_HEADER_SIZE], body: &[u8]) -> Result<(), Error> {
@@ -211,6 +298,19 @@ impl<W: Write> StreamWriter<W> {
 /// A record body of at least this many bytes is written in place, not
 /// copied into the writer's buffer.
 const DIRECT_BODY: usize = 16 * 1024;
+
+/// Most bytes of records one `write_vectored` of
+/// [`StreamWriter::write_clusters`] carries: what a pipe enlarged to 1 MiB
+/// holds.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// Most slices one `write_vectored` of [`StreamWriter::write_clusters`]
+/// hands over (a body and the glue before it each; far below `IOV_MAX`).
+pub const BATCH_SLICES: usize = 256;
+
+/// Buffer room one more record needs in a batch: its header and checksum
+/// (its body stays in place).
+const GLUE: usize = RECORD_HEADER_SIZE + 4;
 
 /// `write_all` for several slices (`Write::write_all_vectored` is not
 /// stable yet).
