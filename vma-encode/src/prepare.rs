@@ -57,24 +57,18 @@ pub(crate) fn prepare(
             "'-' (a cluster stream on standard input) must be the only source",
         ));
     }
-    if args.configs.len() > MAX_CONFIGS {
-        return Err(Failure::new(
-            exit::USAGE,
-            format!(
-                "too many configs: {} given, the format holds {MAX_CONFIGS}",
-                args.configs.len()
-            ),
-        ));
-    }
-    if args.sources.len() > MAX_DEVICES {
-        return Err(Failure::new(
-            exit::USAGE,
-            format!(
-                "too many devices: {} given, the format holds {MAX_DEVICES}",
-                args.sources.len()
-            ),
-        ));
-    }
+    let at_most = |what: &str, given: usize, max: usize| {
+        if given > max {
+            Err(Failure::new(
+                exit::USAGE,
+                format!("too many {what}: {given} given, the format holds {max}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    at_most("configs", args.configs.len(), MAX_CONFIGS)?;
+    at_most("devices", args.sources.len(), MAX_DEVICES)?;
     let reader = if stream {
         let stdin = std::io::stdin()
             .as_fd()
