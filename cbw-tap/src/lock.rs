@@ -59,8 +59,14 @@ pub enum LockError {
     Io(io::Error),
 }
 
+/// A one-byte lock request of `kind` (`F_RDLCK`, `F_WRLCK`) on byte `start`.
+///
+/// rustix's `fcntl_lock` locks whole files only; QEMU's protocol needs
+/// single bytes, so the request is built and passed by hand.
+#[allow(unsafe_code)]
 fn flock(kind: i32, start: i64) -> libc::flock {
-    // SAFETY: flock is plain data; all-zero is a valid value.
+    // SAFETY: flock is plain data (integers only); all-zero is a valid
+    // value, and it also zeroes any platform-specific padding fields.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind as _;
     fl.l_whence = libc::SEEK_SET as _;
@@ -69,6 +75,9 @@ fn flock(kind: i32, start: i64) -> libc::flock {
     fl
 }
 
+/// `fcntl(file, cmd, fl)` for a lock command (`F_OFD_SETLK`, `F_OFD_GETLK`),
+/// retried on `EINTR`; the kernel may write its answer into `fl`.
+#[allow(unsafe_code)]
 fn fcntl_lock(file: &File, cmd: i32, fl: &mut libc::flock) -> io::Result<()> {
     loop {
         // SAFETY: the descriptor is open for the life of `file`, and `fl`

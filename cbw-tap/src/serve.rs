@@ -45,13 +45,20 @@ pub fn default_control(socket: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Parses `NAME=IMAGE`.
-pub fn parse_export(arg: &str) -> Result<(String, PathBuf), String> {
+/// An `--export` argument that is not `NAME=IMAGE` (it is quoted in the
+/// message).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected NAME=IMAGE")]
+pub struct ExportArgError(pub String);
+
+/// Parses `NAME=IMAGE`: the name ends at the first `=` (the image path may
+/// hold more); neither may be empty.
+pub fn parse_export(arg: &str) -> Result<(String, PathBuf), ExportArgError> {
     match arg.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() => {
             Ok((name.to_string(), PathBuf::from(path)))
         }
-        _ => Err(format!("{arg:?}: expected NAME=IMAGE")),
+        _ => Err(ExportArgError(arg.to_string())),
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use cbw_tap::engine::changed::{StateError, StateProblem};
 use cbw_tap::sink::StreamSink;
 use cbw_tap::{BackupOptions, Engine};
 use nbd_server::{Backend, FileBackend, ZeroFlags};
@@ -200,7 +201,12 @@ fn state_file_round_trip_and_refusals() {
 
     // A new server on the same image picks it up, and removes the file.
     let e2 = Engine::new(vec![("a".into(), open(&a))]);
-    assert_eq!(e2.changes().load(&state, &names, &files()), Ok(Some(())));
+    assert_eq!(
+        e2.changes()
+            .load(&state, &names, &files())
+            .map_err(|e| e.to_string()),
+        Ok(Some(()))
+    );
     assert!(!file.exists(), "a kill -9 from here on leaves no state");
     assert_eq!(e2.changes().base(), Some(base));
     assert_eq!(e2.changes().changed_count(0), 2);
@@ -210,7 +216,12 @@ fn state_file_round_trip_and_refusals() {
 
     // No file (unclean stop): nothing loaded, the next backup is full.
     let e3 = Engine::new(vec![("a".into(), open(&a))]);
-    assert_eq!(e3.changes().load(&state, &names, &files()), Ok(None));
+    assert_eq!(
+        e3.changes()
+            .load(&state, &names, &files())
+            .map_err(|e| e.to_string()),
+        Ok(None)
+    );
     let (_, st, _) = run(&e3, incremental());
     assert_eq!(st.clusters_emitted, 32);
 
@@ -226,6 +237,17 @@ fn state_file_round_trip_and_refusals() {
     let e4 = Engine::new(vec![("a".into(), open(&a))]);
     let err = e4.changes().load(&state, &names, &files()).unwrap_err();
     assert!(
+        matches!(
+            &err,
+            StateError::Unfit {
+                problem: StateProblem::Changed { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
         err.ends_with("the image of export \"a\" changed while it was not served (modified since)"),
         "{err}"
     );
@@ -240,5 +262,16 @@ fn state_file_round_trip_and_refusals() {
         .changes()
         .load(&state, &["b".to_string()], &files())
         .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::Unfit {
+                problem: StateProblem::ExportName { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.ends_with("export \"a\" saved, \"b\" served"), "{err}");
 }

@@ -192,7 +192,10 @@ pub fn run_restore_map(mode: u8, input: &[u8]) {
         let split = RestoreMap::read(std::io::BufReader::with_capacity(1, input));
         match (&whole, &split) {
             (Ok(a), Ok(b)) => assert_eq!(a, b),
-            (Err(a), Err(b)) => assert_eq!((a.line, &a.problem, a.io), (b.line, &b.problem, b.io)),
+            (Err(a), Err(b)) => assert_eq!(
+                (a.line(), a.to_string(), a.is_io()),
+                (b.line(), b.to_string(), b.is_io())
+            ),
             _ => panic!("slice and one-byte reads disagree: {whole:?} / {split:?}"),
         }
     }

@@ -201,29 +201,25 @@ impl<R: Read> LzopReader<R> {
                 "block of {dst_len} bytes stored in {src_len} bytes"
             )));
         }
-        let d_adler = (flags & F_ADLER32_D != 0)
-            .then(|| self.read_u32("block cut short"))
-            .transpose()?;
-        let d_crc = (flags & F_CRC32_D != 0)
-            .then(|| self.read_u32("block cut short"))
-            .transpose()?;
+        let data_sums = BlockSums::read(
+            &mut self.inner,
+            flags & F_ADLER32_D != 0,
+            flags & F_CRC32_D != 0,
+        )?;
         let compressed = src_len < dst_len;
-        let c_adler = (compressed && flags & F_ADLER32_C != 0)
-            .then(|| self.read_u32("block cut short"))
-            .transpose()?;
-        let c_crc = (compressed && flags & F_CRC32_C != 0)
-            .then(|| self.read_u32("block cut short"))
-            .transpose()?;
+        // A stored block has no checksums of its compressed bytes.
+        let packed_sums = BlockSums::read(
+            &mut self.inner,
+            compressed && flags & F_ADLER32_C != 0,
+            compressed && flags & F_CRC32_C != 0,
+        )?;
         self.block.resize(dst_len, 0);
         if compressed {
             self.packed.resize(src_len, 0);
             self.inner
                 .read_exact(&mut self.packed)
                 .map_err(|e| cut(e, "block cut short"))?;
-            if c_adler.is_some_and(|c| c != adler2::adler32_slice(&self.packed)) {
-                return Err(bad("checksum of compressed block mismatch"));
-            }
-            if c_crc.is_some_and(|c| c != crc32fast::hash(&self.packed)) {
+            if !packed_sums.holds_for(&self.packed) {
                 return Err(bad("checksum of compressed block mismatch"));
             }
             lzo1x::decompress(&self.packed, &mut self.block)
@@ -233,10 +229,7 @@ impl<R: Read> LzopReader<R> {
                 .read_exact(&mut self.block)
                 .map_err(|e| cut(e, "block cut short"))?;
         }
-        if d_adler.is_some_and(|c| c != adler2::adler32_slice(&self.block)) {
-            return Err(bad("checksum of block mismatch"));
-        }
-        if d_crc.is_some_and(|c| c != crc32fast::hash(&self.block)) {
+        if !data_sums.holds_for(&self.block) {
             return Err(bad("checksum of block mismatch"));
         }
         self.pos = 0;
@@ -244,10 +237,39 @@ impl<R: Read> LzopReader<R> {
     }
 
     fn read_u32(&mut self, what: &str) -> io::Result<u32> {
-        let mut b = [0u8; 4];
-        self.inner.read_exact(&mut b).map_err(|e| cut(e, what))?;
-        Ok(u32::from_be_bytes(b))
+        read_u32(&mut self.inner, what)
     }
+}
+
+/// The checksums a block header stores of one of its byte ranges (the
+/// decoded data, or the compressed bytes): an Adler-32, a CRC-32, both or
+/// none, as the container's flags say, in that order.
+struct BlockSums {
+    adler: Option<u32>,
+    crc: Option<u32>,
+}
+
+impl BlockSums {
+    /// Reads the checksums present (`adler`, `crc`: whether each is).
+    fn read(r: &mut impl Read, adler: bool, crc: bool) -> io::Result<BlockSums> {
+        let mut one = |present: bool| present.then(|| read_u32(r, "block cut short")).transpose();
+        Ok(BlockSums {
+            adler: one(adler)?,
+            crc: one(crc)?,
+        })
+    }
+
+    /// Whether every checksum present is that of `bytes`.
+    fn holds_for(&self, bytes: &[u8]) -> bool {
+        self.adler.is_none_or(|c| c == adler2::adler32_slice(bytes))
+            && self.crc.is_none_or(|c| c == crc32fast::hash(bytes))
+    }
+}
+
+fn read_u32(r: &mut impl Read, what: &str) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).map_err(|e| cut(e, what))?;
+    Ok(u32::from_be_bytes(b))
 }
 
 impl<R: Read> Read for LzopReader<R> {
@@ -454,6 +476,66 @@ mod tests {
         let mut b = good;
         b.extend_from_slice(b"more junk here");
         assert_eq!(err(&b).1, "trailing data after the end marker");
+    }
+
+    #[test]
+    fn each_block_checksum_is_checked() {
+        // One block each: "abc" is stored (no checksums of compressed
+        // bytes), 4096 equal bytes are compressed.
+        let compressible = [7u8; 4096];
+        for (data, flags, at, what) in [
+            (
+                &b"abc"[..],
+                F_ADLER32_D | F_CRC32_D,
+                0,
+                "checksum of block mismatch",
+            ),
+            (
+                &b"abc"[..],
+                F_ADLER32_D | F_CRC32_D,
+                4,
+                "checksum of block mismatch",
+            ),
+            (&b"abc"[..], F_CRC32_D, 0, "checksum of block mismatch"),
+            (
+                &compressible[..],
+                F_ADLER32_C | F_CRC32_C,
+                0,
+                "checksum of compressed block mismatch",
+            ),
+            (
+                &compressible[..],
+                F_ADLER32_C | F_CRC32_C,
+                4,
+                "checksum of compressed block mismatch",
+            ),
+            (
+                &compressible[..],
+                F_ADLER32_D | F_CRC32_C,
+                4,
+                "checksum of compressed block mismatch",
+            ),
+            (
+                &compressible[..],
+                F_ADLER32_D | F_CRC32_C,
+                0,
+                "checksum of block mismatch",
+            ),
+        ] {
+            let good = container(data, 4096, flags, 0x1040);
+            assert!(decode(&good).unwrap() == data);
+            // The block's checksums follow the header (the container of no
+            // data, but its end marker) and the two lengths.
+            let sums = container(&[], 4096, flags, 0x1040).len() - 4 + 8;
+            let mut bad = good.clone();
+            bad[sums + at] ^= 1;
+            let e = decode(&bad).unwrap_err();
+            assert_eq!(
+                (e.kind(), e.to_string()),
+                (io::ErrorKind::InvalidData, what.to_string()),
+                "flags {flags:#x}, checksum at +{at}"
+            );
+        }
     }
 
     #[test]

@@ -385,7 +385,7 @@ fn restore<R: Read>(
     let shown_map = map_path.display().to_string();
     let map = restore_map::read_path(map_path).map_err(|e| {
         Failure::new(
-            if e.io { exit::IO } else { exit::USAGE },
+            if e.is_io() { exit::IO } else { exit::USAGE },
             format!("{shown_map}: {e}"),
         )
     })?;

@@ -21,12 +21,15 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use vma_format::{
-    clusters_for, BlockMask, IndexSink, IndexedExtent, VmaHeader, BLOCK_SIZE, CLUSTER_SIZE,
-    EXTENT_HEADER_SIZE,
+    BlockMask, IndexSink, IndexedExtent, VmaHeader, BLOCK_SIZE, CLUSTER_SIZE, EXTENT_HEADER_SIZE,
 };
 
 /// Suffix of a saved index: `ARCHIVE.vmaidx`.
 pub const INDEX_SUFFIX: &str = ".vmaidx";
+
+mod decode;
+use decode::decode;
+pub use decode::{DecodeError, Refusal};
 
 const MAGIC: [u8; 8] = *b"VMAINDEX";
 const VERSION: u32 = 1;
@@ -262,7 +265,7 @@ pub enum Loaded {
     /// A saved index that fits the archive.
     Index(ArchiveIndex),
     /// A saved index that must not be used, and why.
-    Refused(String),
+    Refused(Refusal),
 }
 
 /// The path of the index saved for `archive`: `ARCHIVE.vmaidx`.
@@ -361,7 +364,7 @@ impl ArchiveIndex {
         let mut f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Loaded::Absent,
-            Err(e) => return Loaded::Refused(format!("cannot open it: {e}")),
+            Err(e) => return Loaded::Refused(Refusal::Open(e)),
         };
         // An index has fewer bytes than the extent headers it describes
         // (each 512-byte header lists at most 59 clusters: 488 bytes of
@@ -369,177 +372,16 @@ impl ArchiveIndex {
         let limit = (FIXED_LEN + DEVICE_LEN * 256 + 4) as u64 + stamp.size;
         let mut bytes = Vec::new();
         if let Err(e) = (&mut f).take(limit + 1).read_to_end(&mut bytes) {
-            return Loaded::Refused(format!("cannot read it: {e}"));
+            return Loaded::Refused(Refusal::Read(e));
         }
         if bytes.len() as u64 > limit {
-            return Loaded::Refused("too large to be an index of this archive".into());
+            return Loaded::Refused(Refusal::TooLarge);
         }
         match decode(&bytes, header, stamp) {
             Ok(index) => Loaded::Index(index),
-            Err(why) => Loaded::Refused(why),
+            Err(why) => Loaded::Refused(Refusal::Decode(why)),
         }
     }
-}
-
-/// A cursor over a saved index; reads past its end are errors.
-struct Fields<'a>(&'a [u8]);
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if n > self.0.len() {
-            return Err("cut short".into());
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
-    }
-}
-
-fn decode(bytes: &[u8], header: &VmaHeader, stamp: &ArchiveStamp) -> Result<ArchiveIndex, String> {
-    if bytes.len() < FIXED_LEN + 4 || bytes[..8] != MAGIC {
-        return Err("not an index file".into());
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body) != u32::from_be_bytes(crc.try_into().unwrap()) {
-        return Err("its checksum does not match (damaged)".into());
-    }
-    let mut f = Fields(&body[8..]);
-    let version = f.u32()?;
-    if version != VERSION {
-        return Err(format!("version {version}, not {VERSION}"));
-    }
-    if f.u32()? != 0 {
-        return Err("unknown flags".into());
-    }
-    let uuid: [u8; 16] = f.take(16)?.try_into().unwrap();
-    let size = f.u64()?;
-    let mtime = (f.u64()? as i64, f.u32()?);
-    if uuid != stamp.uuid {
-        return Err("stale: it was saved for another archive (uuid differs)".into());
-    }
-    if size != stamp.size {
-        return Err(format!(
-            "stale: it was saved for an archive of {size} bytes, this one has {}",
-            stamp.size
-        ));
-    }
-    if mtime != stamp.mtime {
-        return Err("stale: the archive was modified after it was saved".into());
-    }
-    let device_count = f.u32()? as usize;
-    let extent_count = f.u64()?;
-    let declared = header.devices();
-    if device_count != declared.len() {
-        return Err("stale: its devices are not the archive's".into());
-    }
-    let mut devices = Vec::with_capacity(device_count);
-    let mut counts = Vec::with_capacity(device_count);
-    for d in declared {
-        let id = f.u8()?;
-        let vmstate = f.u8()? != 0;
-        f.take(6)?;
-        let dsize = f.u64()?;
-        let count = f.u64()?;
-        if id != d.id || vmstate != d.is_vmstate() || dsize != d.size {
-            return Err("stale: its devices are not the archive's".into());
-        }
-        if !vmstate && count != clusters_for(d.size) {
-            return Err(format!(
-                "{}: {count} clusters indexed, not {}",
-                d.display_name(),
-                clusters_for(d.size)
-            ));
-        }
-        devices.push(DeviceIndex {
-            id,
-            name: d.display_name(),
-            size: d.size,
-            vmstate,
-            clusters: Vec::new(),
-        });
-        counts.push(count);
-    }
-    // The lengths must add up before anything is allocated from them.
-    let entries: u128 = counts.iter().map(|&c| c as u128).sum();
-    let want = extent_count as u128 * EXTENT_LEN as u128 + entries * ENTRY_LEN as u128;
-    if want != f.0.len() as u128 {
-        return Err("its tables do not have the lengths it states".into());
-    }
-    let mut extents = Vec::with_capacity(extent_count as usize);
-    let mut next_free = header.header_size() as u64;
-    for _ in 0..extent_count {
-        let offset = f.u64()?;
-        let crc = f.u32()?;
-        let block_count = f.u16()?;
-        let clusters = f.u8()? as u16;
-        let flags = f.u8()?;
-        let end = offset
-            .saturating_add(EXTENT_HEADER_SIZE as u64 + block_count as u64 * BLOCK_SIZE as u64);
-        if offset < next_free
-            || end > stamp.size
-            || flags > 1
-            || clusters as usize > vma_format::EXTENT_SLOTS
-        {
-            return Err(format!("extent at byte {offset} does not fit the archive"));
-        }
-        next_free = end;
-        extents.push(ExtentEntry {
-            offset,
-            block_count,
-            clusters,
-            data_checksum: (flags == 1).then_some(crc),
-        });
-    }
-    let mut listed = vec![0u16; extents.len()];
-    for (dev, &count) in devices.iter_mut().zip(&counts) {
-        let mut clusters = Vec::with_capacity(count as usize);
-        for n in 0..count {
-            let extent = f.u32()?;
-            let first_block = f.u16()?;
-            let mask = BlockMask(f.u16()?);
-            let Some(e) = extents.get(extent as usize) else {
-                return Err(format!("{} cluster {n}: no extent {extent}", dev.name));
-            };
-            if first_block as usize + mask.count() > e.block_count as usize {
-                return Err(format!(
-                    "{} cluster {n}: its data lies outside its extent",
-                    dev.name
-                ));
-            }
-            listed[extent as usize] = listed[extent as usize].saturating_add(1);
-            clusters.push(ClusterEntry {
-                extent,
-                first_block,
-                mask,
-            });
-        }
-        dev.clusters = clusters;
-    }
-    for (e, &n) in extents.iter().zip(&listed) {
-        if n != e.clusters {
-            return Err(format!(
-                "extent at byte {}: {n} clusters point at it, it lists {}",
-                e.offset, e.clusters
-            ));
-        }
-    }
-    Ok(ArchiveIndex {
-        uuid,
-        devices,
-        extents,
-    })
 }
 
 #[cfg(test)]

@@ -70,26 +70,131 @@ pub struct RestoreMap {
     pub devices: BTreeMap<String, Mapping>,
 }
 
-/// A problem with the map: the line it is on (1-based; 0 for the map as a
-/// whole) and what is wrong.
-#[derive(Debug)]
-pub struct MapError {
-    /// Line number, counting from 1; 0 when no line is at fault.
-    pub line: usize,
-    /// What is wrong.
-    pub problem: String,
-    /// Reading the map failed (I/O), rather than its content.
-    pub io: bool,
+/// A problem with the map as a whole, or with one of its lines (1-based).
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The map file cannot be opened.
+    #[error("cannot open: {0}")]
+    Open(#[source] io::Error),
+    /// Reading line `line` failed.
+    #[error("line {line}: read failed: {source}")]
+    Read {
+        /// The line being read.
+        line: usize,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The input ended before `done`.
+    #[error("ended without 'done' (the writer closed it early)")]
+    EndedEarly,
+    /// Line `line` has more than [`MAX_LINE`] bytes, its newline included.
+    #[error("line {line}: longer than {} bytes", MAX_LINE)]
+    TooLong {
+        /// The line at fault.
+        line: usize,
+    },
+    /// Line `line` does not parse.
+    #[error("line {line}: {error}")]
+    Line {
+        /// The line at fault.
+        line: usize,
+        /// What is wrong with it.
+        error: LineError,
+    },
+    /// Line `line` names a device an earlier line named.
+    #[error("line {line}: device {name:?} is named twice")]
+    NamedTwice {
+        /// The line at fault.
+        line: usize,
+        /// The device.
+        name: String,
+    },
 }
 
-impl std::fmt::Display for MapError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.line > 0 {
-            write!(f, "line {}: {}", self.line, self.problem)
-        } else {
-            f.write_str(&self.problem)
+impl MapError {
+    /// The line at fault, counting from 1; 0 when no line is.
+    pub fn line(&self) -> usize {
+        match self {
+            MapError::Open(_) | MapError::EndedEarly => 0,
+            MapError::Read { line, .. }
+            | MapError::TooLong { line }
+            | MapError::Line { line, .. }
+            | MapError::NamedTwice { line, .. } => *line,
         }
     }
+
+    /// Whether reading the map failed (I/O), rather than its content.
+    pub fn is_io(&self) -> bool {
+        matches!(self, MapError::Open(_) | MapError::Read { .. })
+    }
+}
+
+/// What is wrong with one line of the map ([`parse_line`]). Values quoted
+/// in the messages are shown as lossy UTF-8.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    /// The line is empty.
+    #[error("empty line (the map ends with 'done')")]
+    Empty,
+    /// `skip`, `skip=` or `skip…` without `=DEVNAME`.
+    #[error("option 'skip' has no value ({line:?})")]
+    SkipWithoutValue {
+        /// The whole line.
+        line: String,
+    },
+    /// An option given twice.
+    #[error("duplicate value for option '{option}'")]
+    DuplicateOption {
+        /// The option's name.
+        option: &'static str,
+    },
+    /// An option's value runs to the end of the line (no `:`).
+    #[error("option '{option}' not terminated ({line:?})")]
+    Unterminated {
+        /// The option's name.
+        option: &'static str,
+        /// The whole line.
+        line: String,
+    },
+    /// After the options, neither `0:` nor `1:`.
+    #[error("parse error: expected 0: or 1: before DEVNAME=PATH ({line:?})")]
+    NoZeroFlag {
+        /// The whole line.
+        line: String,
+    },
+    /// No `=` after `0:`/`1:`.
+    #[error("no dev name specified ({line:?})")]
+    NoDeviceName {
+        /// The whole line.
+        line: String,
+    },
+    /// `=` right after `0:`/`1:`.
+    #[error("empty device name")]
+    EmptyDeviceName,
+    /// A device name that is not UTF-8.
+    #[error("device name {name:?} is not UTF-8")]
+    DeviceNameNotUtf8 {
+        /// The name, lossy.
+        name: String,
+    },
+    /// Nothing after `DEVNAME=`.
+    #[error("no target path for device {name:?}")]
+    NoPath {
+        /// The device.
+        name: String,
+    },
+    /// `format`, `throttling.group` or `cache` with a value that is not UTF-8.
+    #[error("option '{option}' is not UTF-8")]
+    OptionNotUtf8 {
+        /// The option's name.
+        option: &'static str,
+    },
+    /// `throttling.bps` that [`parse_u64`] does not read as a number.
+    #[error("throttling.bps: not a number: {value:?}")]
+    BadBps {
+        /// The value, lossy.
+        value: String,
+    },
 }
 
 impl RestoreMap {
@@ -105,33 +210,26 @@ impl RestoreMap {
                 .by_ref()
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut line)
-                .map_err(|e| MapError {
+                .map_err(|source| MapError::Read {
                     line: number,
-                    problem: format!("read failed: {e}"),
-                    io: true,
+                    source,
                 })?;
-            let err = |problem: String| MapError {
-                line: number,
-                problem,
-                io: false,
-            };
             if got == 0 {
-                return Err(MapError {
-                    line: 0,
-                    problem: "ended without 'done' (the writer closed it early)".into(),
-                    io: false,
-                });
+                return Err(MapError::EndedEarly);
             }
             if got > MAX_LINE {
-                return Err(err(format!("longer than {MAX_LINE} bytes")));
+                return Err(MapError::TooLong { line: number });
             }
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
             if text == b"done" {
                 return Ok(map);
             }
-            let (name, mapping) = parse_line(text).map_err(err)?;
+            let (name, mapping) = parse_line(text).map_err(|error| MapError::Line {
+                line: number,
+                error,
+            })?;
             if map.devices.contains_key(&name) {
-                return Err(err(format!("device {name:?} is named twice")));
+                return Err(MapError::NamedTwice { line: number, name });
             }
             map.devices.insert(name, mapping);
         }
@@ -139,14 +237,21 @@ impl RestoreMap {
 }
 
 /// Parses one line (without its newline) into (device name, mapping).
-pub fn parse_line(line: &[u8]) -> Result<(String, Mapping), String> {
+///
+/// # Errors
+/// The first problem found, in this order: an empty line; `skip` without
+/// `=DEVNAME`; an option repeated or not ended by `:`; neither `0:` nor `1:`
+/// after the options; no `=` after it; an empty or non-UTF-8 device name;
+/// an empty path; `throttling.bps` not a number; `format`,
+/// `throttling.group` or `cache` not UTF-8.
+pub fn parse_line(line: &[u8]) -> Result<(String, Mapping), LineError> {
     let shown = || String::from_utf8_lossy(line).into_owned();
     if line.is_empty() {
-        return Err("empty line (the map ends with 'done')".into());
+        return Err(LineError::Empty);
     }
     if let Some(rest) = line.strip_prefix(b"skip") {
         let Some(name) = rest.strip_prefix(b"=").filter(|n| !n.is_empty()) else {
-            return Err(format!("option 'skip' has no value ({:?})", shown()));
+            return Err(LineError::SkipWithoutValue { line: shown() });
         };
         return Ok((device_name(name)?, Mapping::Skip));
     }
@@ -166,10 +271,13 @@ pub fn parse_line(line: &[u8]) -> Result<(String, Mapping), String> {
                 continue;
             };
             if value.is_some() {
-                return Err(format!("duplicate value for option '{opt}'"));
+                return Err(LineError::DuplicateOption { option: opt });
             }
             let Some(colon) = after.iter().position(|&b| b == b':') else {
-                return Err(format!("option '{opt}' not terminated ({:?})", shown()));
+                return Err(LineError::Unterminated {
+                    option: opt,
+                    line: shown(),
+                });
             };
             *value = Some(&after[..colon]);
             rest = &after[colon + 1..];
@@ -180,34 +288,26 @@ pub fn parse_line(line: &[u8]) -> Result<(String, Mapping), String> {
     let write_zeros = match rest {
         [b'0', b':', ..] => false,
         [b'1', b':', ..] => true,
-        _ => {
-            return Err(format!(
-                "parse error: expected 0: or 1: before DEVNAME=PATH ({:?})",
-                shown()
-            ))
-        }
+        _ => return Err(LineError::NoZeroFlag { line: shown() }),
     };
     let rest = &rest[2..];
     let Some(eq) = rest.iter().position(|&b| b == b'=') else {
-        return Err(format!("no dev name specified ({:?})", shown()));
+        return Err(LineError::NoDeviceName { line: shown() });
     };
     let name = device_name(&rest[..eq])?;
     let path = &rest[eq + 1..];
     if path.is_empty() {
-        return Err(format!("no target path for device {name:?}"));
+        return Err(LineError::NoPath { name });
     }
-    let text = |v: Option<&[u8]>, opt: &str| -> Result<Option<String>, String> {
-        v.map(|v| String::from_utf8(v.to_vec()).map_err(|_| format!("option '{opt}' is not UTF-8")))
+    let text = |v: Option<&[u8]>, option: &'static str| -> Result<Option<String>, LineError> {
+        v.map(|v| String::from_utf8(v.to_vec()).map_err(|_| LineError::OptionNotUtf8 { option }))
             .transpose()
     };
     let [(_, format), (_, bps), (_, group), (_, cache)] = options;
     let throttling_bps = match bps {
         None => 0,
-        Some(v) => parse_u64(v).ok_or_else(|| {
-            format!(
-                "throttling.bps: not a number: {:?}",
-                String::from_utf8_lossy(v)
-            )
+        Some(v) => parse_u64(v).ok_or_else(|| LineError::BadBps {
+            value: String::from_utf8_lossy(v).into_owned(),
         })?,
     };
     Ok((
@@ -223,15 +323,12 @@ pub fn parse_line(line: &[u8]) -> Result<(String, Mapping), String> {
     ))
 }
 
-fn device_name(name: &[u8]) -> Result<String, String> {
+fn device_name(name: &[u8]) -> Result<String, LineError> {
     if name.is_empty() {
-        return Err("empty device name".into());
+        return Err(LineError::EmptyDeviceName);
     }
-    String::from_utf8(name.to_vec()).map_err(|_| {
-        format!(
-            "device name {:?} is not UTF-8",
-            String::from_utf8_lossy(name)
-        )
+    String::from_utf8(name.to_vec()).map_err(|_| LineError::DeviceNameNotUtf8 {
+        name: String::from_utf8_lossy(name).into_owned(),
     })
 }
 
@@ -254,11 +351,7 @@ pub fn parse_u64(text: &[u8]) -> Option<u64> {
 
 /// Reads the map from `path` (a FIFO: opening it waits for the writer).
 pub fn read_path(path: &std::path::Path) -> Result<RestoreMap, MapError> {
-    let file = std::fs::File::open(path).map_err(|e| MapError {
-        line: 0,
-        problem: format!("cannot open: {e}"),
-        io: true,
-    })?;
+    let file = std::fs::File::open(path).map_err(MapError::Open)?;
     RestoreMap::read(io::BufReader::new(file))
 }
 
@@ -323,7 +416,7 @@ mod tests {
 
     #[test]
     fn malformed_lines() {
-        let e = |l: &[u8]| parse_line(l).unwrap_err();
+        let e = |l: &[u8]| parse_line(l).unwrap_err().to_string();
         assert_eq!(e(b""), "empty line (the map ends with 'done')");
         assert_eq!(e(b"skip"), "option 'skip' has no value (\"skip\")");
         assert_eq!(e(b"skip="), "option 'skip' has no value (\"skip=\")");
@@ -354,6 +447,34 @@ mod tests {
     }
 
     #[test]
+    fn malformed_lines_are_told_apart_by_variant() {
+        let e = |l: &[u8]| parse_line(l).unwrap_err();
+        assert_eq!(e(b""), LineError::Empty);
+        assert_eq!(
+            e(b"skip="),
+            LineError::SkipWithoutValue {
+                line: "skip=".into()
+            }
+        );
+        assert_eq!(
+            e(b"cache=a:cache=b:1:d=/x"),
+            LineError::DuplicateOption { option: "cache" }
+        );
+        assert_eq!(
+            e(b"1:\xff=/x"),
+            LineError::DeviceNameNotUtf8 {
+                name: "\u{fffd}".into()
+            }
+        );
+        assert_eq!(
+            e(b"format=\xff:1:d=/x"),
+            LineError::OptionNotUtf8 { option: "format" }
+        );
+        assert_eq!(e(b"1:=/x"), LineError::EmptyDeviceName);
+        assert_eq!(e(b"1:d="), LineError::NoPath { name: "d".into() });
+    }
+
+    #[test]
     fn numbers_as_strtoull_base_0() {
         assert_eq!(parse_u64(b"0"), Some(0));
         assert_eq!(parse_u64(b"1048576"), Some(1048576));
@@ -380,6 +501,7 @@ mod tests {
             .is_empty());
 
         let e = RestoreMap::read(&b"1:a=/x\n"[..]).unwrap_err();
+        assert!(matches!(e, MapError::EndedEarly) && e.line() == 0 && !e.is_io());
         assert_eq!(
             e.to_string(),
             "ended without 'done' (the writer closed it early)"

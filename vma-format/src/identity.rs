@@ -33,6 +33,17 @@ pub struct BackupIdentity {
     pub base: Option<BaseRef>,
 }
 
+/// Why identity bytes do not decode ([`BackupIdentity::decode`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// Kind 0 (full) with a base uuid or time that is not zero.
+    #[error("full backup with a base")]
+    FullWithBase,
+    /// A kind other than 0 (full) and 1 (incremental).
+    #[error("unknown backup kind {0}")]
+    UnknownKind(u8),
+}
+
 impl BackupIdentity {
     /// The preamble bytes: uuid, kind (0 full, 1 incremental), base uuid,
     /// base time (zero for a full backup).
@@ -47,14 +58,18 @@ impl BackupIdentity {
         b
     }
 
-    /// Parses [`encode`](Self::encode)'s bytes; the error names the problem.
-    pub fn decode(b: &[u8; IDENTITY_SIZE]) -> Result<BackupIdentity, String> {
+    /// Parses [`encode`](Self::encode)'s bytes.
+    ///
+    /// # Errors
+    /// A kind other than 0 and 1, or a full backup (0) whose base uuid or
+    /// time is not zero.
+    pub fn decode(b: &[u8; IDENTITY_SIZE]) -> Result<BackupIdentity, IdentityError> {
         let uuid: [u8; 16] = b[..16].try_into().expect("16 bytes");
         let base_uuid: [u8; 16] = b[17..33].try_into().expect("16 bytes");
         let time = i64::from_be_bytes(b[33..41].try_into().expect("8 bytes"));
         match b[16] {
             0 if base_uuid == [0; 16] && time == 0 => Ok(BackupIdentity { uuid, base: None }),
-            0 => Err("full backup with a base".into()),
+            0 => Err(IdentityError::FullWithBase),
             1 => Ok(BackupIdentity {
                 uuid,
                 base: Some(BaseRef {
@@ -62,7 +77,7 @@ impl BackupIdentity {
                     time,
                 }),
             }),
-            k => Err(format!("unknown backup kind {k}")),
+            k => Err(IdentityError::UnknownKind(k)),
         }
     }
 }
@@ -109,12 +124,20 @@ mod tests {
         bad[16] = 2;
         assert_eq!(
             BackupIdentity::decode(&bad),
-            Err("unknown backup kind 2".into())
+            Err(IdentityError::UnknownKind(2))
+        );
+        assert_eq!(
+            BackupIdentity::decode(&bad).unwrap_err().to_string(),
+            "unknown backup kind 2"
         );
         bad[16] = 0;
         assert_eq!(
             BackupIdentity::decode(&bad),
-            Err("full backup with a base".into())
+            Err(IdentityError::FullWithBase)
+        );
+        assert_eq!(
+            BackupIdentity::decode(&bad).unwrap_err().to_string(),
+            "full backup with a base"
         );
     }
 

@@ -172,33 +172,45 @@ impl Changes {
 
     /// Loads `dir`'s state file and removes it (so that a stop without
     /// saving means a full backup next). `Ok(None)`: no file. `Err`: a
-    /// state that does not fit `images` (the reason, for the log) — the
-    /// next backup is full. `Ok(Some(()))`: sets and base restored.
+    /// state that cannot be read or does not fit `images` (for the log) —
+    /// the next backup is full. `Ok(Some(()))`: sets and base restored.
     pub fn load(
         &self,
         dir: &Path,
         names: &[String],
         images: &[fs::File],
-    ) -> Result<Option<()>, String> {
+    ) -> Result<Option<()>, StateError> {
         let path = dir.join(STATE_FILE);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(source) => return Err(StateError::Read { path, source }),
         };
-        fs::remove_file(&path).map_err(|e| format!("{}: cannot remove: {e}", path.display()))?;
-        let bad = |why: String| format!("{}: {why}", path.display());
-        let state: StateFile =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a state file: {e}")))?;
+        if let Err(source) = fs::remove_file(&path) {
+            return Err(StateError::Remove { path, source });
+        }
+        self.restore(&bytes, names, images)
+            .map(Some)
+            .map_err(|problem| StateError::Unfit { path, problem })
+    }
+
+    /// Restores the sets and the base from a state file's `bytes`, if they
+    /// fit the images served now.
+    fn restore(
+        &self,
+        bytes: &[u8],
+        names: &[String],
+        images: &[fs::File],
+    ) -> Result<(), StateProblem> {
+        let state: StateFile = serde_json::from_slice(bytes).map_err(StateProblem::NotJson)?;
         if state.version != 1 {
-            return Err(bad(format!("unknown version {}", state.version)));
+            return Err(StateProblem::Version(state.version));
         }
         if state.exports.len() != names.len() {
-            return Err(bad(format!(
-                "{} exports saved, {} served",
-                state.exports.len(),
-                names.len()
-            )));
+            return Err(StateProblem::ExportCount {
+                saved: state.exports.len(),
+                served: names.len(),
+            });
         }
         let mut sets = Vec::new();
         for ((ex, name), (file, &clusters)) in state
@@ -208,25 +220,32 @@ impl Changes {
             .zip(images.iter().zip(&self.clusters))
         {
             if &ex.name != name {
-                return Err(bad(format!("export {:?} saved, {name:?} served", ex.name)));
+                return Err(StateProblem::ExportName {
+                    saved: ex.name.clone(),
+                    served: name.clone(),
+                });
             }
-            let now = Binding::of(file).map_err(|e| bad(e.to_string()))?;
+            let now = Binding::of(file).map_err(StateProblem::Image)?;
             if now != ex.binding {
-                return Err(bad(format!(
-                    "the image of export {name:?} changed while it was not served ({})",
-                    ex.binding.difference(&now)
-                )));
+                return Err(StateProblem::Changed {
+                    name: name.clone(),
+                    difference: ex.binding.difference(&now),
+                });
             }
             let mut set = ClusterSet::new(clusters);
-            for &[s, e] in &ex.changed {
-                if s >= e || e > clusters {
-                    return Err(bad(format!("export {name:?}: bad range {s}..{e}")));
+            for &[start, end] in &ex.changed {
+                if start >= end || end > clusters {
+                    return Err(StateProblem::BadRange {
+                        name: name.clone(),
+                        start,
+                        end,
+                    });
                 }
-                set.insert_range(s..e);
+                set.insert_range(start..end);
             }
             sets.push(set);
         }
-        let uuid = unhex16(&state.base_uuid).ok_or_else(|| bad("bad base uuid".into()))?;
+        let uuid = unhex16(&state.base_uuid).ok_or(StateProblem::BaseUuid)?;
         for (slot, set) in self.sets.iter().zip(sets) {
             *lock(slot) = set;
         }
@@ -234,8 +253,88 @@ impl Changes {
             uuid,
             time: state.base_time,
         });
-        Ok(Some(()))
+        Ok(())
     }
+}
+
+/// Why a saved state is not used ([`Changes::load`]): the next backup is full.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file exists but cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// It cannot be removed (so it could be used twice: it is not used).
+    #[error("{}: cannot remove: {source}", path.display())]
+    Remove {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// It was read, but does not fit what is served now.
+    #[error("{}: {problem}", path.display())]
+    Unfit {
+        /// The state file.
+        path: PathBuf,
+        /// What does not fit.
+        problem: StateProblem,
+    },
+}
+
+/// What is wrong with a state file's content.
+#[derive(Debug, thiserror::Error)]
+pub enum StateProblem {
+    /// Not the JSON of a state file.
+    #[error("not a state file: {0}")]
+    NotJson(serde_json::Error),
+    /// A version other than 1.
+    #[error("unknown version {0}")]
+    Version(u32),
+    /// Another number of exports than served now.
+    #[error("{saved} exports saved, {served} served")]
+    ExportCount {
+        /// Exports in the file.
+        saved: usize,
+        /// Exports served.
+        served: usize,
+    },
+    /// An export of another name (or in another order) than served now.
+    #[error("export {saved:?} saved, {served:?} served")]
+    ExportName {
+        /// The name in the file.
+        saved: String,
+        /// The name served at that position.
+        served: String,
+    },
+    /// An image's metadata cannot be read.
+    #[error("{0}")]
+    Image(io::Error),
+    /// An image is not the one saved, or was modified since.
+    #[error("the image of export {name:?} changed while it was not served ({difference})")]
+    Changed {
+        /// The export.
+        name: String,
+        /// What differs (size, file, modification time), then and now.
+        difference: String,
+    },
+    /// A changed range that is empty or runs past the image's clusters.
+    #[error("export {name:?}: bad range {start}..{end}")]
+    BadRange {
+        /// The export.
+        name: String,
+        /// First cluster of the range.
+        start: u64,
+        /// Cluster past its end.
+        end: u64,
+    },
+    /// The base uuid is not 32 hex digits.
+    #[error("bad base uuid")]
+    BaseUuid,
 }
 
 /// What binds a saved state to an image.

@@ -287,10 +287,39 @@ impl Clock for NapClock<'_> {
 /// CPU to the threads serving guest I/O: nice 10 for this thread only (Linux nice
 /// values are per thread). Best effort; failure changes nothing else.
 pub(super) fn lower_thread_priority() {
-    // SAFETY: gettid and setpriority take plain integers and touch only
-    // this thread's scheduling priority.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::process::{getpriority_process, setpriority_process};
+    use rustix::thread::gettid;
+
+    #[test]
+    fn only_the_calling_thread_gets_nice_10() {
+        let before = getpriority_process(Some(gettid())).unwrap();
+        let (start, mine, process) = std::thread::spawn(|| {
+            // Start the thread below 10 where allowed (as root, or when the
+            // tests run below nice 5), so that the call must change it.
+            let _ = setpriority_process(Some(gettid()), 5);
+            let start = getpriority_process(Some(gettid())).unwrap();
+            super::lower_thread_priority();
+            (
+                start,
+                getpriority_process(Some(gettid())).unwrap(),
+                getpriority_process(None).unwrap(),
+            )
+        })
+        .join()
+        .unwrap();
+        assert!(
+            start < 10,
+            "cannot test: the thread runs at nice {start} and may not go below"
+        );
+        assert_eq!(mine, 10);
+        // `None` (who = 0) is the calling thread on Linux: the spawned one.
+        assert_eq!(process, mine);
+        // The thread that spawned it keeps its value.
+        assert_eq!(getpriority_process(Some(gettid())).unwrap(), before);
     }
 }

@@ -158,10 +158,9 @@ impl<'a, R: Read> RequestReader<'_, 'a, R> {
                 Err(f) => Next::Refuse(handle, f),
             }
         };
-        let writable = |what_zero: &'static str, what_range: &'static str, range_errno: u32| {
-            if backend.read_only() {
-                Err(fail(EPERM, "export is read-only"))
-            } else if len == 0 {
+        // Every command on a range: not empty, inside the export.
+        let span = |what_zero: &'static str, what_range: &'static str, range_errno: u32| {
+            if len == 0 {
                 Err(fail(EINVAL, what_zero))
             } else if !in_range {
                 Err(fail(range_errno, what_range))
@@ -169,22 +168,29 @@ impl<'a, R: Read> RequestReader<'_, 'a, R> {
                 Ok(())
             }
         };
+        let writable = |what_zero: &'static str, what_range: &'static str, range_errno: u32| {
+            if backend.read_only() {
+                Err(fail(EPERM, "export is read-only"))
+            } else {
+                span(what_zero, what_range, range_errno)
+            }
+        };
         Ok(match cmd {
             CMD_DISC => Next::End,
             CMD_READ => {
                 let check = if flags & !CMD_FLAG_FUA != 0 {
                     Err(fail(EINVAL, "unsupported flags for READ"))
-                } else if len == 0 {
-                    Err(fail(EINVAL, "zero-length read"))
                 } else if len as usize > MAX_PAYLOAD {
                     Err(fail(
                         EINVAL,
                         "read larger than the maximum payload (32 MiB)",
                     ))
-                } else if !in_range {
-                    Err(fail(EINVAL, "read beyond the end of the export"))
                 } else {
-                    Ok(())
+                    span(
+                        "zero-length read",
+                        "read beyond the end of the export",
+                        EINVAL,
+                    )
                 };
                 let job = Job::Read {
                     handle,
@@ -295,12 +301,12 @@ impl<'a, R: Read> RequestReader<'_, 'a, R> {
             CMD_CACHE => {
                 let check = if flags & !CMD_FLAG_FUA != 0 {
                     Err(fail(EINVAL, "unsupported flags for CACHE"))
-                } else if len == 0 {
-                    Err(fail(EINVAL, "zero-length cache"))
-                } else if !in_range {
-                    Err(fail(EINVAL, "cache beyond the end of the export"))
                 } else {
-                    Ok(())
+                    span(
+                        "zero-length cache",
+                        "cache beyond the end of the export",
+                        EINVAL,
+                    )
                 };
                 let job = Job::Cache {
                     handle,
@@ -314,12 +320,12 @@ impl<'a, R: Read> RequestReader<'_, 'a, R> {
                     Err(fail(EINVAL, "no metadata context was negotiated"))
                 } else if flags & !(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE) != 0 {
                     Err(fail(EINVAL, "unsupported flags for BLOCK_STATUS"))
-                } else if len == 0 {
-                    Err(fail(EINVAL, "zero-length block status"))
-                } else if !in_range {
-                    Err(fail(EINVAL, "block status beyond the end of the export"))
                 } else {
-                    Ok(())
+                    span(
+                        "zero-length block status",
+                        "block status beyond the end of the export",
+                        EINVAL,
+                    )
                 };
                 let job = Job::BlockStatus {
                     handle,

@@ -107,7 +107,7 @@ fn saved_and_loaded_it_is_the_same() {
 }
 
 /// `bytes` with its CRC-32 recomputed, decoded.
-fn decode_resealed(mut bytes: Vec<u8>, header: &VmaHeader, stamp: &ArchiveStamp) -> String {
+fn decode_resealed(mut bytes: Vec<u8>, header: &VmaHeader, stamp: &ArchiveStamp) -> DecodeError {
     let n = bytes.len() - 4;
     let crc = crc32fast::hash(&bytes[..n]);
     bytes[n..].copy_from_slice(&crc.to_be_bytes());
@@ -127,78 +127,120 @@ fn an_index_that_does_not_fit_is_refused_with_the_reason() {
         b[at..at + new.len()].copy_from_slice(new);
         decode_resealed(b, &header, &st)
     };
+    // Each refusal is its variant, and says what it always said.
+    let is = |got: DecodeError, want: DecodeError, message: &str| {
+        assert_eq!(got, want);
+        assert_eq!(got.to_string(), message);
+    };
     let mut flipped = good.clone();
     flipped[200] ^= 1;
-    assert_eq!(
+    is(
         decode(&flipped, &header, &st).unwrap_err(),
-        "its checksum does not match (damaged)"
+        DecodeError::Damaged,
+        "its checksum does not match (damaged)",
     );
-    assert_eq!(
+    is(
         decode(b"VMAINDEX", &header, &st).unwrap_err(),
-        "not an index file"
+        DecodeError::NotAnIndex,
+        "not an index file",
     );
-    assert_eq!(edit(8, &2u32.to_be_bytes()), "version 2, not 1");
-    assert_eq!(edit(12, &1u32.to_be_bytes()), "unknown flags");
+    is(
+        edit(8, &2u32.to_be_bytes()),
+        DecodeError::Version { found: 2 },
+        "version 2, not 1",
+    );
+    is(
+        edit(12, &1u32.to_be_bytes()),
+        DecodeError::UnknownFlags,
+        "unknown flags",
+    );
     let mut other = st;
     other.size += 1;
-    assert_eq!(
+    is(
         decode(&good, &header, &other).unwrap_err(),
-        format!(
+        DecodeError::ArchiveSize {
+            saved: st.size,
+            actual: st.size + 1,
+        },
+        &format!(
             "stale: it was saved for an archive of {} bytes, this one has {}",
             st.size,
             st.size + 1
-        )
+        ),
     );
     other = st;
     other.mtime.1 += 1;
-    assert_eq!(
+    is(
         decode(&good, &header, &other).unwrap_err(),
-        "stale: the archive was modified after it was saved"
+        DecodeError::Modified,
+        "stale: the archive was modified after it was saved",
     );
     other = st;
     other.uuid[0] ^= 1;
-    assert_eq!(
+    is(
         decode(&good, &header, &other).unwrap_err(),
-        "stale: it was saved for another archive (uuid differs)"
+        DecodeError::OtherArchive,
+        "stale: it was saved for another archive (uuid differs)",
     );
     // Device 1's size.
-    assert_eq!(
+    is(
         edit(FIXED_LEN + 8, &1u64.to_be_bytes()),
-        "stale: its devices are not the archive's"
+        DecodeError::Devices,
+        "stale: its devices are not the archive's",
     );
     // Device 1's cluster count: a disk must have all of them.
-    assert_eq!(
+    is(
         edit(FIXED_LEN + 16, &100u64.to_be_bytes()),
-        "drive-scsi0: 100 clusters indexed, not 101"
+        DecodeError::ClusterCount {
+            device: "drive-scsi0".into(),
+            indexed: 100,
+            clusters: 101,
+        },
+        "drive-scsi0: 100 clusters indexed, not 101",
     );
     // vmstate's count: the tables no longer add up.
-    assert_eq!(
+    is(
         edit(FIXED_LEN + DEVICE_LEN + 16, &(u64::MAX / 2).to_be_bytes()),
-        "its tables do not have the lengths it states"
+        DecodeError::TableLengths,
+        "its tables do not have the lengths it states",
     );
     // An extent past the end of the archive; one inside the header.
     let e0 = index.extents[0].offset;
-    assert_eq!(
+    is(
         edit(at_extents, &(st.size - 100).to_be_bytes()),
-        format!("extent at byte {} does not fit the archive", st.size - 100)
+        DecodeError::ExtentMisfit {
+            offset: st.size - 100,
+        },
+        &format!("extent at byte {} does not fit the archive", st.size - 100),
     );
-    assert_eq!(
+    is(
         edit(at_extents, &100u64.to_be_bytes()),
-        "extent at byte 100 does not fit the archive"
+        DecodeError::ExtentMisfit { offset: 100 },
+        "extent at byte 100 does not fit the archive",
     );
     // Two extents overlapping.
-    assert_eq!(
+    is(
         edit(at_extents + EXTENT_LEN, &(e0 + 512).to_be_bytes()),
-        format!("extent at byte {} does not fit the archive", e0 + 512)
+        DecodeError::ExtentMisfit { offset: e0 + 512 },
+        &format!("extent at byte {} does not fit the archive", e0 + 512),
     );
     // A cluster of a missing extent, or with data outside its extent.
-    assert_eq!(
+    is(
         edit(at_entries, &1000u32.to_be_bytes()),
-        "drive-scsi0 cluster 0: no extent 1000"
+        DecodeError::NoExtent {
+            device: "drive-scsi0".into(),
+            cluster: 0,
+            extent: 1000,
+        },
+        "drive-scsi0 cluster 0: no extent 1000",
     );
-    assert_eq!(
+    is(
         edit(at_entries + 4, &1000u16.to_be_bytes()),
-        "drive-scsi0 cluster 0: its data lies outside its extent"
+        DecodeError::DataOutsideExtent {
+            device: "drive-scsi0".into(),
+            cluster: 0,
+        },
+        "drive-scsi0 cluster 0: its data lies outside its extent",
     );
     // A cluster moved to another extent: the counts no longer match.
     let c0 = index.devices[0].clusters[0];
@@ -207,7 +249,14 @@ fn an_index_that_does_not_fit_is_refused_with_the_reason() {
     moved[at_entries..at_entries + 4].copy_from_slice(&other_extent.to_be_bytes());
     moved[at_entries + 4..at_entries + 8].copy_from_slice(&[0, 0, 0, 0]);
     let why = decode_resealed(moved, &header, &st);
-    assert!(why.contains("clusters point at it, it lists"), "{why}");
+    assert!(
+        matches!(why, DecodeError::ExtentCount { pointing, listed, .. } if pointing != listed),
+        "{why:?}"
+    );
+    assert!(
+        why.to_string().contains("clusters point at it, it lists"),
+        "{why}"
+    );
 }
 
 #[test]
@@ -217,7 +266,10 @@ fn an_oversized_file_is_not_read_whole() {
     let path = dir.path().join("x.vmaidx");
     fs::write(&path, vec![0u8; bytes.len() + 64 * 1024]).unwrap();
     match ArchiveIndex::load(&path, &header, &stamp(&bytes)) {
-        Loaded::Refused(why) => assert_eq!(why, "too large to be an index of this archive"),
+        Loaded::Refused(why) => {
+            assert!(matches!(why, Refusal::TooLarge), "{why:?}");
+            assert_eq!(why.to_string(), "too large to be an index of this archive");
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -72,10 +72,7 @@ impl<R: Read> Archive<R> {
                 &mut vmstate_next,
             ) {
                 Ok(()) => usable[i] = true,
-                Err(problem) => {
-                    let err = Error::damaged(Some(loc), problem);
-                    tolerate(salvage, summary, err)?;
-                }
+                Err(err) => tolerate(salvage, summary, err.at(loc))?,
             }
         }
         if blocks != extent.block_count() as usize {
@@ -114,7 +111,7 @@ impl<R: Read> Archive<R> {
     }
 
     /// Checks one slot against the devices and what was seen; returns the
-    /// problem. `vmstate_next` carries the next expected vmstate cluster
+    /// problem as a damaged-input error the caller locates. `vmstate_next` carries the next expected vmstate cluster
     /// across the slots of one extent.
     fn check_slot(
         &self,
@@ -124,7 +121,7 @@ impl<R: Read> Archive<R> {
         mask: BlockMask,
         extent: &ExtentHeader,
         vmstate_next: &mut Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let n = cluster_num as u64;
         let earlier = || {
             extent.slots()[..i]
@@ -149,33 +146,32 @@ impl<R: Read> Archive<R> {
         // Only a problem needs the name: building it is an allocation and a
         // search, and this runs for every cluster.
         let name = || self.device_name(dev_id);
-        match checked {
+        let problem = match checked {
             Ok(dev) => {
                 if dev.is_vmstate() {
                     *vmstate_next = Some(n + 1);
                 }
-                Ok(())
+                return Ok(());
             }
-            Err(Refusal::Undeclared) => Err(format!(
-                "slot {i}: device {dev_id} is not declared in the header"
-            )),
-            Err(Refusal::OutOfOrder { expected }) => Err(format!(
+            Err(Refusal::Undeclared) => {
+                format!("slot {i}: device {dev_id} is not declared in the header")
+            }
+            Err(Refusal::OutOfOrder { expected }) => format!(
                 "slot {i}: {} cluster {n} out of order (expected {expected})",
                 name()
-            )),
-            Err(Refusal::PastEnd { clusters }) => Err(format!(
+            ),
+            Err(Refusal::PastEnd { clusters }) => format!(
                 "slot {i}: cluster {n} is past the end of {} ({clusters} clusters)",
                 name(),
-            )),
-            Err(Refusal::MaskPastEnd) => Err(format!(
+            ),
+            Err(Refusal::MaskPastEnd) => format!(
                 "slot {i}: cluster {n} of {} stores blocks past the device end (mask {:#06x})",
                 name(),
                 mask.0
-            )),
-            Err(Refusal::Duplicate) => {
-                Err(format!("slot {i}: cluster {n} of {} appears twice", name()))
-            }
-        }
+            ),
+            Err(Refusal::Duplicate) => format!("slot {i}: cluster {n} of {} appears twice", name()),
+        };
+        Err(Error::damaged(None, problem))
     }
 
     fn device_name(&self, dev_id: u8) -> String {

@@ -84,36 +84,64 @@ impl StreamDevice {
     }
 
     /// The problem with this device, if any.
-    fn check(&self) -> Result<(), String> {
-        crate::names::check_file_name(self.name.as_bytes())
-            .map_err(|why| format!("device {:?}: {why}", self.name))?;
+    fn check(&self) -> Result<(), DeviceListError> {
+        crate::names::check_file_name(self.name.as_bytes()).map_err(|why| {
+            DeviceListError::Name {
+                name: self.name.clone(),
+                why,
+            }
+        })?;
         if self.name.len() > MAX_NAME_LEN {
-            return Err(format!(
-                "device name of {} bytes, more than {MAX_NAME_LEN}",
-                self.name.len()
-            ));
+            return Err(DeviceListError::NameTooLong {
+                len: self.name.len(),
+            });
         }
         if self.size == 0 || self.size > MAX_DEVICE_SIZE {
-            return Err(format!(
-                "device {}: size {} outside 1..={MAX_DEVICE_SIZE}",
-                self.name, self.size
-            ));
+            return Err(DeviceListError::Size {
+                name: self.name.clone(),
+                size: self.size,
+            });
         }
         Ok(())
     }
 }
 
-fn check_devices(devices: &[StreamDevice]) -> Result<(), String> {
+/// What is wrong with a stream's device list (read: the preamble is
+/// damaged; written: the caller's request is invalid).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DeviceListError {
+    /// More than [`MAX_DEVICES`] devices.
+    #[error("{count} devices, more than {}", MAX_DEVICES)]
+    TooMany { count: usize },
+    /// A name that is not a safe file name.
+    #[error("device {name:?}: {why}")]
+    Name {
+        name: String,
+        why: crate::names::NameProblem,
+    },
+    /// A name longer than [`MAX_NAME_LEN`] bytes.
+    #[error("device name of {len} bytes, more than {}", MAX_NAME_LEN)]
+    NameTooLong { len: usize },
+    /// A size of 0 or over [`MAX_DEVICE_SIZE`].
+    #[error("device {name}: size {size} outside 1..={}", MAX_DEVICE_SIZE)]
+    Size { name: String, size: u64 },
+    /// A name declared twice.
+    #[error("device {name} declared twice")]
+    Twice { name: String },
+}
+
+fn check_devices(devices: &[StreamDevice]) -> Result<(), DeviceListError> {
     if devices.len() > MAX_DEVICES {
-        return Err(format!(
-            "{} devices, more than {MAX_DEVICES}",
-            devices.len()
-        ));
+        return Err(DeviceListError::TooMany {
+            count: devices.len(),
+        });
     }
     for (i, d) in devices.iter().enumerate() {
         d.check()?;
         if devices[..i].iter().any(|o| o.name == d.name) {
-            return Err(format!("device {} declared twice", d.name));
+            return Err(DeviceListError::Twice {
+                name: d.name.clone(),
+            });
         }
     }
     Ok(())

@@ -127,7 +127,7 @@ impl<R: Read> StreamReader<R> {
             return Err(pre_damaged("preamble checksum mismatch"));
         }
         let identity = if version == VERSION_IDENTITY {
-            Some(BackupIdentity::decode(&id_bytes).map_err(pre_damaged)?)
+            Some(BackupIdentity::decode(&id_bytes).map_err(|e| pre_damaged(e.to_string()))?)
         } else {
             None
         };
@@ -137,7 +137,7 @@ impl<R: Read> StreamReader<R> {
                 .map_err(|_| pre_damaged(format!("device {}: name is not UTF-8", i + 1)))?;
             devices.push(StreamDevice { name, size });
         }
-        check_devices(&devices).map_err(pre_damaged)?;
+        check_devices(&devices).map_err(|e| pre_damaged(e.to_string()))?;
         let mut state = DeviceTracker::new();
         for (i, d) in devices.iter().enumerate() {
             state.declare(i as u8 + 1, d.size, d.is_vmstate());
@@ -309,7 +309,7 @@ impl<R: Read> StreamReader<R> {
         self.pos += (RECORD_HEADER_SIZE + len + 4) as u64;
         self.records += 1;
         match kind {
-            RECORD_CLUSTER => self.check_cluster(a, b, c, len).map_err(damaged),
+            RECORD_CLUSTER => self.check_cluster(loc, a, b, c, len),
             RECORD_ABORT => {
                 let reason: String = String::from_utf8_lossy(&self.body[..len])
                     .chars()
@@ -320,7 +320,7 @@ impl<R: Read> StreamReader<R> {
                 Err(damaged(msg))
             }
             _ => {
-                self.check_end(a, b, c, len).map_err(damaged)?;
+                self.check_end(loc, a, b, c, len)?;
                 let mut byte = [0u8; 1];
                 let more = self
                     .inner
@@ -340,29 +340,33 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// Checks a cluster record's header (its body has been read): the
+    /// device, the length its mask says, the device rule.
     fn check_cluster(
         &mut self,
+        loc: Location,
         dev_id: u8,
         mask: u16,
         n: u32,
         len: usize,
-    ) -> Result<Option<(u8, u32, BlockMask)>, String> {
+    ) -> Result<Option<(u8, u32, BlockMask)>, Error> {
+        let damaged = |msg: String| Error::damaged(Some(loc), msg);
         let mask = BlockMask(mask);
         let count = self.devices.len();
         let dev = match dev_id.checked_sub(1).map(usize::from) {
             Some(i) if i < count => &self.devices[i],
             _ => {
-                return Err(format!(
+                return Err(damaged(format!(
                     "device id {dev_id} out of range (the stream has {count} devices)"
-                ))
+                )))
             }
         };
         if len != mask.data_len() {
-            return Err(format!(
+            return Err(damaged(format!(
                 "mask/length mismatch: cluster record with mask {:#06x} ({} blocks) has {len} data bytes",
                 mask.0,
                 mask.count()
-            ));
+            )));
         }
         match self
             .state
@@ -370,24 +374,24 @@ impl<R: Read> StreamReader<R> {
         {
             Ok(_) => {}
             Err(Refusal::OutOfOrder { expected }) => {
-                return Err(format!(
+                return Err(damaged(format!(
                     "vmstate cluster {n} out of order (expected {expected})"
-                ))
+                )))
             }
             Err(Refusal::PastEnd { clusters }) => {
-                return Err(format!(
+                return Err(damaged(format!(
                     "cluster {n} is past the end of {} ({clusters} clusters)",
                     dev.name
-                ))
+                )))
             }
             Err(Refusal::MaskPastEnd) => {
-                return Err(format!(
+                return Err(damaged(format!(
                     "cluster {n} of {}: mask {:#06x} names blocks past the end of the device",
                     dev.name, mask.0
-                ))
+                )))
             }
             Err(Refusal::Duplicate) => {
-                return Err(format!("duplicate cluster {n} of {}", dev.name))
+                return Err(damaged(format!("duplicate cluster {n} of {}", dev.name)))
             }
             Err(Refusal::Undeclared) => unreachable!("ids 1..=count are declared"),
         }
@@ -395,30 +399,34 @@ impl<R: Read> StreamReader<R> {
         Ok(Some((dev_id, n, mask)))
     }
 
+    /// Checks the end record: its counts against what came, and (for a
+    /// full backup) that every cluster came.
     fn check_end(
         &mut self,
+        loc: Location,
         reserved: u8,
         count: u16,
         reserved2: u32,
         len: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
+        let damaged = |msg: String| Error::damaged(Some(loc), msg);
         if reserved != 0 || reserved2 != 0 {
-            return Err("end record: reserved fields are not zero".into());
+            return Err(damaged("end record: reserved fields are not zero".into()));
         }
         if count as usize != self.devices.len() || len != 8 * self.devices.len() {
-            return Err(format!(
+            return Err(damaged(format!(
                 "end record: counts for {count} devices in {len} bytes, the stream has {} devices",
                 self.devices.len()
-            ));
+            )));
         }
         for (i, (dev, (_, st))) in self.devices.iter().zip(self.state.declared()).enumerate() {
             let declared = u64::from_be_bytes(self.body[8 * i..8 * i + 8].try_into().expect("8"));
             if declared != st.accepted() {
-                return Err(format!(
+                return Err(damaged(format!(
                     "end record: device {}: {declared} records declared, {} received",
                     dev.name,
                     st.accepted()
-                ));
+                )));
             }
         }
         if self.is_incremental() {
@@ -426,12 +434,12 @@ impl<R: Read> StreamReader<R> {
         }
         for (dev, (_, st)) in self.devices.iter().zip(self.state.declared()) {
             if let Some(first) = st.first_missing() {
-                return Err(format!(
+                return Err(damaged(format!(
                     "device {}: cluster {first} missing ({} of {} clusters missing)",
                     dev.name,
                     st.seen().missing_count(),
                     st.clusters()
-                ));
+                )));
             }
         }
         Ok(())

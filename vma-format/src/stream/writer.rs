@@ -56,7 +56,7 @@ impl<W: Write> StreamWriter<W> {
         devices: &[StreamDevice],
         identity: Option<&super::BackupIdentity>,
     ) -> Result<StreamWriter<W>, Error> {
-        check_devices(devices).map_err(Error::invalid)?;
+        check_devices(devices).map_err(|e| Error::invalid(e.to_string()))?;
         let mut pre = Vec::with_capacity(PREAMBLE_FIXED_SIZE + 4);
         pre.extend_from_slice(&MAGIC);
         let version = if identity.is_some() {
