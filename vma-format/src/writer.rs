@@ -498,10 +498,15 @@ impl<W: Write> Writer<W> {
         zero
     }
 
-    fn flush_extent(&mut self) -> Result<(), Error> {
-        let data_end = EXTENT_HEADER_SIZE + self.used;
-        if self.options.data_checksums {
-            let crc = std::mem::take(&mut self.crc).finalize();
+    /// Encodes the extent header of `self.slots` (plus the data checksum
+    /// slot when `crc` is given) and `data_len` bytes of data into the
+    /// first 512 bytes of the extent buffer. The one place both ways of
+    /// writing an extent (through the buffer, or [`write_extent`]'s data
+    /// in place) make their header.
+    ///
+    /// [`write_extent`]: Self::write_extent
+    fn encode_extent_header(&mut self, data_len: usize, crc: Option<u32>) {
+        if let Some(crc) = crc {
             self.slots
                 .resize(crate::EXTENT_SLOTS - 1, BlockInfo::default());
             self.slots.push(BlockInfo::data_checksum(crc));
@@ -511,10 +516,19 @@ impl<W: Write> Writer<W> {
             .expect("512 bytes");
         ExtentHeader::encode(
             &self.uuid,
-            (self.used / BLOCK_SIZE) as u16,
+            (data_len / BLOCK_SIZE) as u16,
             &self.slots,
             head,
         );
+    }
+
+    fn flush_extent(&mut self) -> Result<(), Error> {
+        let data_end = EXTENT_HEADER_SIZE + self.used;
+        let crc = self
+            .options
+            .data_checksums
+            .then(|| std::mem::take(&mut self.crc).finalize());
+        self.encode_extent_header(self.used, crc);
         if let Err(e) = self.out.write_all(&self.buf[..data_end]) {
             self.failed = true;
             return Err(write_error(e));

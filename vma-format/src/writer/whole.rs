@@ -8,7 +8,7 @@ use std::io::{IoSlice, Write};
 use super::{write_error, Writer};
 use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::extent::{BlockInfo, ExtentHeader};
+use crate::extent::BlockInfo;
 use crate::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, EXTENT_HEADER_SIZE, WRITER_CLUSTERS_PER_EXTENT};
 
 impl<W: Write> Writer<W> {
@@ -51,20 +51,7 @@ impl<W: Write> Writer<W> {
             dev_id: c.dev_id,
             cluster_num: c.cluster_num,
         }));
-        if let Some(crc) = crc {
-            self.slots
-                .resize(crate::EXTENT_SLOTS - 1, BlockInfo::default());
-            self.slots.push(BlockInfo::data_checksum(crc));
-        }
-        let head: &mut [u8; EXTENT_HEADER_SIZE] = (&mut self.buf[..EXTENT_HEADER_SIZE])
-            .try_into()
-            .expect("512 bytes");
-        ExtentHeader::encode(
-            &self.uuid,
-            (data.len() / BLOCK_SIZE) as u16,
-            &self.slots,
-            head,
-        );
+        self.encode_extent_header(data.len(), crc);
         self.slots.clear();
         let (head, data) = (&self.buf[..EXTENT_HEADER_SIZE], data);
         if let Err(e) = write_all_two(&mut self.out, head, data) {
