@@ -71,6 +71,30 @@ fn all(imgs: &[Vec<u8>]) -> Vec<(usize, usize)> {
     v
 }
 
+/// `one` with the clusters `changed` ((device index, cluster)) taken from
+/// `images(2)`, and the identity of an incremental stream onto the backup
+/// `u` made at time 1000.
+fn changes_onto(
+    one: &[Vec<u8>],
+    changed: &[(usize, usize)],
+    u: [u8; 16],
+) -> (Vec<Vec<u8>>, BackupIdentity) {
+    let mut two = one.to_vec();
+    let other = images(2);
+    for &(dv, n) in changed {
+        let end = ((n + 1) * CLUSTER_SIZE).min(two[dv].len());
+        two[dv][n * CLUSTER_SIZE..end].copy_from_slice(&other[dv][n * CLUSTER_SIZE..end]);
+    }
+    let inc = BackupIdentity {
+        uuid: u,
+        base: Some(BaseRef {
+            uuid: u,
+            time: 1000,
+        }),
+    };
+    (two, inc)
+}
+
 fn encode(args: &[&str], input: &[u8]) -> Output {
     let mut cmd = Command::new(common::bin("vma-encode"));
     cmd.args(args).arg("-");
@@ -191,20 +215,8 @@ fn sorted_merge_of_an_unsorted_base() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let mut two = one.clone();
     let changed = [(1usize, 7usize), (0, 0), (0, 200), (0, 17), (1, 2), (1, 3)];
-    let other = images(2);
-    for &(dv, n) in &changed {
-        let end = ((n + 1) * CLUSTER_SIZE).min(two[dv].len());
-        two[dv][n * CLUSTER_SIZE..end].copy_from_slice(&other[dv][n * CLUSTER_SIZE..end]);
-    }
-    let inc = BackupIdentity {
-        uuid: u,
-        base: Some(BaseRef {
-            uuid: u,
-            time: 1000,
-        }),
-    };
+    let (two, inc) = changes_onto(&one, &changed, u);
     let s2 = stream(&two, &changed, 2000, &inc, &SIZES);
     let merge = |base: &str, out: &str| {
         encode(
@@ -301,20 +313,8 @@ fn merge_sorted_and_refusals() {
     assert!(a.images[0] == padded(&one[0]) && a.images[1] == padded(&one[1]));
 
     // Changes: three clusters of each device.
-    let mut two = one.clone();
     let changed = [(0usize, 0usize), (0, 17), (0, 200), (1, 2), (1, 3), (1, 7)];
-    let other = images(2);
-    for &(dv, n) in &changed {
-        let end = ((n + 1) * CLUSTER_SIZE).min(two[dv].len());
-        two[dv][n * CLUSTER_SIZE..end].copy_from_slice(&other[dv][n * CLUSTER_SIZE..end]);
-    }
-    let inc = BackupIdentity {
-        uuid: u,
-        base: Some(BaseRef {
-            uuid: u,
-            time: 1000,
-        }),
-    };
+    let (two, inc) = changes_onto(&one, &changed, u);
     let s2 = stream(&two, &changed, 2000, &inc, &SIZES);
     // Without the base: refused, nothing written.
     let o = encode(&["-o", &p("x.vma")], &s2);
