@@ -46,6 +46,10 @@ pub enum Piece<'a> {
         cluster_num: u32,
         /// Its stored blocks.
         mask: BlockMask,
+        /// The CRC-32 of those data bytes, when the source knows it (the
+        /// cluster stream's record checksum gives it): the writer's data
+        /// checksum combines it instead of hashing the data again.
+        data_crc: Option<u32>,
     },
     /// Clusters `first .. first + count` of `dev_id` are all zero (a hole):
     /// written without data.

@@ -153,7 +153,7 @@ impl<W: Write> Writer<W> {
         self.make_room()?;
         let start = EXTENT_HEADER_SIZE + self.used;
         self.buf[start..start + cluster.data.len()].copy_from_slice(cluster.data);
-        Ok(self.commit_packed(dev_id, n, mask, tail))
+        Ok(self.commit_packed(dev_id, n, mask, tail, None))
     }
 
     /// Checks that packed cluster `n` of `dev_id` with `mask` may be
@@ -180,7 +180,14 @@ impl<W: Write> Writer<W> {
     /// Commits the packed cluster whose data lies at the end of the extent
     /// being filled, zeroing the bytes past the device end (`tail`, from
     /// [`check_packed`](Self::check_packed)).
-    fn commit_packed(&mut self, dev_id: u8, n: u32, mask: BlockMask, tail: Option<usize>) -> u64 {
+    fn commit_packed(
+        &mut self,
+        dev_id: u8,
+        n: u32,
+        mask: BlockMask,
+        tail: Option<usize>,
+        mut data_crc: Option<u32>,
+    ) -> u64 {
         let start = EXTENT_HEADER_SIZE + self.used;
         if let Some(end) = tail {
             // The block holding the device end: zero what lies past the end.
@@ -189,10 +196,22 @@ impl<W: Write> Writer<W> {
                 let stored_before = BlockMask(mask.0 & ((1u16 << block) - 1)).count();
                 let at = start + stored_before * BLOCK_SIZE + end % BLOCK_SIZE;
                 let block_end = start + (stored_before + 1) * BLOCK_SIZE;
-                self.buf[at..block_end].fill(0);
+                if self.buf[at..block_end].iter().any(|&b| b != 0) {
+                    // The data changed: the source's CRC no longer holds.
+                    self.buf[at..block_end].fill(0);
+                    data_crc = None;
+                }
             }
         }
-        self.commit(dev_id, n, mask, mask.data_len())
+        match data_crc {
+            Some(crc) if self.options.data_checksums => {
+                let used = mask.data_len();
+                self.crc
+                    .combine(&crc32fast::Hasher::new_with_initial_len(crc, used as u64));
+                self.commit_counted(dev_id, n, mask, used)
+            }
+            _ => self.commit(dev_id, n, mask, mask.data_len()),
+        }
     }
 
     /// Room for up to `max` (at least 1) raw clusters at the end of the
@@ -289,10 +308,11 @@ impl<W: Write> Writer<W> {
                 dev_id,
                 cluster_num: n,
                 mask,
+                data_crc,
             }) => {
                 let written = self
                     .check_packed(dev_id, n, mask)
-                    .map(|tail| self.commit_packed(dev_id, n, mask, tail));
+                    .map(|tail| self.commit_packed(dev_id, n, mask, tail, data_crc));
                 (dev_id, n, 1, written)
             }
             Some(Piece::Zeros {
@@ -485,6 +505,12 @@ impl<W: Write> Writer<W> {
             let start = EXTENT_HEADER_SIZE + self.used;
             self.crc.update(&self.buf[start..start + used]);
         }
+        self.commit_counted(dev_id, n, mask, used)
+    }
+
+    /// [`commit`](Self::commit) once the data checksum has counted the
+    /// cluster's `used` bytes.
+    fn commit_counted(&mut self, dev_id: u8, n: u32, mask: BlockMask, used: usize) -> u64 {
         self.used += used;
         self.slots.push(BlockInfo {
             mask,

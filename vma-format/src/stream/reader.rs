@@ -53,6 +53,10 @@ pub struct StreamReader<R: Read> {
     body: Box<[u8]>,
     pos: u64,
     records: u64,
+    /// The CRC-32 of the last record's body alone (its record checksum
+    /// covers header and body): what the writer's data checksum combines
+    /// instead of hashing the body again.
+    body_crc: u32,
     done: bool,
     failed: bool,
     abort_reason: Option<String>,
@@ -151,6 +155,7 @@ impl<R: Read> StreamReader<R> {
             body: vec![0u8; CLUSTER_SIZE].into_boxed_slice(),
             pos,
             records: 0,
+            body_crc: 0,
             done: false,
             failed: false,
             abort_reason: None,
@@ -300,12 +305,17 @@ impl<R: Read> StreamReader<R> {
                 self.records,
             )));
         }
+        // The body hashed alone and combined with the header's CRC: the
+        // same record checksum, and the body's own CRC for the writer.
+        let mut body_crc = crc32fast::Hasher::new();
+        body_crc.update(body);
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head);
-        crc.update(body);
+        crc.combine(&body_crc);
         if crc.finalize() != u32::from_be_bytes(stored) {
             return Err(damaged("record checksum mismatch".into()));
         }
+        self.body_crc = body_crc.finalize();
         self.pos += (RECORD_HEADER_SIZE + len + 4) as u64;
         self.records += 1;
         match kind {
@@ -498,6 +508,7 @@ impl<R: Read> crate::source::ClusterSource for StreamReader<R> {
                 dev_id,
                 cluster_num,
                 mask,
+                data_crc: Some(self.body_crc),
             }))
     }
 }
