@@ -95,6 +95,25 @@ fn changes_onto(
     (two, inc)
 }
 
+/// `o` is a successful `-v` merge of 6 stream clusters onto 203 of the
+/// base, spooled to a temporary file, `whole` extents of the base written
+/// on as they came.
+fn assert_merged_6_onto_203(o: &Output, whole: usize) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("merged 6 clusters from the stream onto 203 from"),
+        "{err}"
+    );
+    assert!(!err.contains("(0 bytes spooled"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "; {whole} extents of the base written on as they came)"
+        )),
+        "{err}"
+    );
+}
+
 fn encode(args: &[&str], input: &[u8]) -> Output {
     let mut cmd = Command::new(common::bin("vma-encode"));
     cmd.args(args).arg("-");
@@ -238,17 +257,7 @@ fn sorted_merge_of_an_unsorted_base() {
         )
     };
     let o = merge("live.vma", "from-live.vma");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("merged 6 clusters from the stream onto 203 from"),
-        "{err}"
-    );
-    assert!(!err.contains("(0 bytes spooled"), "{err}");
-    assert!(
-        err.contains("; 0 extents of the base written on as they came)"),
-        "{err}"
-    );
+    assert_merged_6_onto_203(&o, 0);
     let merged = fs::read(d.join("from-live.vma")).unwrap();
     let (order, _) = extents(&merged);
     let mut sorted = mapped.clone();
@@ -333,19 +342,9 @@ fn merge_sorted_and_refusals() {
         ],
         &s2,
     );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("merged 6 clusters from the stream onto 203 from"),
-        "{err}"
-    );
-    assert!(!err.contains("(0 bytes spooled"), "{err}");
     // Extents 1 and 2 (clusters 58..174 of drive-scsi0) are untouched and
     // hold 58 clusters each: their data and checksum go out as they came.
-    assert!(
-        err.contains("; 2 extents of the base written on as they came)"),
-        "{err}"
-    );
+    assert_merged_6_onto_203(&o, 2);
     let (h, b) = decode(&d.join("b.vma"));
     assert_eq!((h.uuid(), h.ctime()), (u, 2000));
     assert!(b.images[0] == padded(&two[0]) && b.images[1] == padded(&two[1]));
