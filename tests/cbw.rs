@@ -416,7 +416,15 @@ fn live_backup_during_random_writes_is_the_instant() {
 
 /// Stalls a backup: vma-encode's output is a pipe nobody reads, so
 /// everything behind it fills up. Returns (backup, vma-encode).
-fn stalled_backup(tap: &Tap, args: &[&str], instant: &Path) -> (Child, Child) {
+/// A backup whose consumer takes nothing after the instant, with its
+/// buffer full: the reader has filled its share, and one guest write to c
+/// (`expected[2]` gets it) has filled the reserve kept for copy-before-write.
+fn stalled_backup(
+    tap: &Tap,
+    args: &[&str],
+    instant: &Path,
+    expected: &mut [Vec<u8>],
+) -> (Child, Child) {
     let mut backup = spawn_backup(tap, args, instant);
     let encode = Command::new(common::bin("vma-encode"))
         .arg("-")
@@ -428,6 +436,24 @@ fn stalled_backup(tap: &Tap, args: &[&str], instant: &Path) -> (Child, Child) {
     wait_for_instant(instant, &mut backup);
     // Let the reader fill every buffer on the way.
     thread::sleep(Duration::from_millis(500));
+    // The reader stopped at its share of the buffer: a guest copy still
+    // fits, at once (no wait for the consumer, so no timeout whatever the
+    // policy), and then the buffer is full.
+    let size = expected[2].len() as u64;
+    let reserve = Op::Write {
+        off: size - 8 * CS,
+        len: 4096,
+        pat: 0x3c,
+    };
+    let t0 = Instant::now();
+    let out = tap.qemu_io("c", &[reserve.command()]);
+    assert_qemu_io_ok(&out, "a write copied into the guest reserve");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "a write copied into the guest reserve waited {:?}",
+        t0.elapsed()
+    );
+    reserve.apply(&mut expected[2]);
     (backup, encode)
 }
 
@@ -454,6 +480,7 @@ fn killing_the_consumer_aborts_the_backup_and_no_guest_write_is_lost() {
         &tap,
         &["--cbw-timeout", "60", "--buffer", "256K"],
         &d.join("instant"),
+        &mut expected,
     );
 
     // A second backup is refused while this one runs.
@@ -588,6 +615,7 @@ fn cbw_timeout_policies() {
             "break-guest-write",
         ],
         &d.join("i1"),
+        &mut expected,
     );
     let t0 = Instant::now();
     let out = tap.qemu_io("c", &[format!("write -P 0x5a {tail} 4096")]);
@@ -608,6 +636,7 @@ fn cbw_timeout_policies() {
         &tap,
         &["--cbw-timeout", "2", "--buffer", "256K"],
         &d.join("i2"),
+        &mut expected,
     );
     let t0 = Instant::now();
     let out = tap.qemu_io("c", &[format!("write -P 0x5a {tail} 4096")]);

@@ -93,7 +93,9 @@ pub enum Cmd {
         /// The server's control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
-        /// Captured clusters that may wait for the consumer, e.g. 64M.
+        /// Captured clusters that may wait for the consumer, e.g. 64M (the
+        /// background reader fills at most three quarters: the rest is kept
+        /// for copies before guest writes).
         #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::size::parse_size)]
         buffer: usize,
         /// Limit the background reader to SIZE bytes per second, e.g. 200M

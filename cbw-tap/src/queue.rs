@@ -26,6 +26,10 @@ pub const ITEM_OVERHEAD: usize = 64;
 /// reader batch, the stream writer and a few guest copies have in hand.
 const SPARE_SLACK: usize = 16;
 
+/// The share of the capacity kept for copy-before-write: the background
+/// reader stops at `capacity - capacity / GUEST_RESERVE`.
+pub const GUEST_RESERVE: usize = 4;
+
 /// Longest a queued item waits for the consumer to be woken when the queue
 /// holds less than its wake-up threshold.
 const LINGER: Duration = Duration::from_millis(20);
@@ -157,6 +161,14 @@ struct Inner {
 /// while the queue holds `capacity` bytes or more — an item is always
 /// admitted into an empty queue, so any capacity makes progress.
 ///
+/// The background reader ([`push_all`](Self::push_all)) may fill only
+/// the first three quarters; the last quarter ([`GUEST_RESERVE`]) is kept
+/// for copy-before-write ([`push`](Self::push)). At full speed the reader
+/// keeps the queue as full as it may, so without the reserve nearly every
+/// guest copy would find it full and wait for the consumer to take a batch;
+/// with it, a guest copy waits only when guest copies alone have filled
+/// the reserve faster than the consumer takes them.
+///
 /// The consumer is woken when the queue holds half its capacity (at most
 /// 1 MiB), or after 20 ms at the latest: a trickle of copy-before-write
 /// clusters then costs one wake-up of the stream writer (and of the
@@ -174,6 +186,9 @@ pub struct CaptureQueue {
     /// Copiers wait here.
     not_full: Condvar,
     capacity: usize,
+    /// What the background reader may fill ([`push_all`](Self::push_all)):
+    /// the rest is kept for copy-before-write ([`GUEST_RESERVE`]).
+    reader_capacity: usize,
     wake_bytes: usize,
     max_free: usize,
     fleece: Option<File>,
@@ -199,6 +214,7 @@ impl CaptureQueue {
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity,
+            reader_capacity: capacity - capacity / GUEST_RESERVE,
             wake_bytes: (capacity / 2).clamp(1, 1 << 20),
             max_free: capacity / CLUSTER_SIZE + SPARE_SLACK,
             fleece,
@@ -253,7 +269,7 @@ impl CaptureQueue {
     ) -> Result<Pushed, PushError> {
         let spill = may_spill && self.fleece.is_some();
         let inner = lock(&self.inner);
-        let inner = match self.wait_for_room(inner, item.cost(), deadline, spill) {
+        let inner = match self.wait_for_room(inner, item.cost(), self.capacity, deadline, spill) {
             Ok(inner) => inner,
             Err((inner, e)) => {
                 if let (PushError::Timeout, true, Some(file)) = (&e, may_spill, &self.fleece) {
@@ -268,15 +284,18 @@ impl CaptureQueue {
         Ok(Pushed::Memory)
     }
 
-    /// Appends every item of `items` in order (draining it), waiting for
-    /// room as long as it takes, with one lock for as many as fit. On
+    /// The background reader's push: appends every item of `items` in
+    /// order (draining it), waiting for room below the reader's share (see
+    /// [`GUEST_RESERVE`]) as long as it takes, with one lock for as many as
+    /// fit. On
     /// failure (the queue was aborted or closed) the buffers of the items
     /// not queued are recycled.
     pub fn push_all(&self, items: &mut Vec<Captured>) -> Result<(), PushError> {
         let mut rest = items.drain(..);
         let mut inner = lock(&self.inner);
         while let Some(item) = rest.next() {
-            inner = match self.wait_for_room(inner, item.cost(), None, false) {
+            inner = match self.wait_for_room(inner, item.cost(), self.reader_capacity, None, false)
+            {
                 Ok(inner) => inner,
                 Err((inner, e)) => {
                     drop(inner);
@@ -299,6 +318,7 @@ impl CaptureQueue {
         &'a self,
         mut inner: MutexGuard<'a, Inner>,
         cost: usize,
+        limit: usize,
         deadline: Option<Instant>,
         spill: bool,
     ) -> Result<MutexGuard<'a, Inner>, (MutexGuard<'a, Inner>, PushError)> {
@@ -306,7 +326,7 @@ impl CaptureQueue {
             if inner.aborted || inner.closed {
                 return Err((inner, PushError::Closed));
             }
-            if inner.items.is_empty() || inner.bytes + cost <= self.capacity {
+            if inner.items.is_empty() || inner.bytes + cost <= limit {
                 return Ok(inner);
             }
             if spill {
@@ -499,6 +519,41 @@ mod tests {
         assert_eq!(pop(&q).unwrap().cluster_num, 2);
         assert!(pop(&q).is_none());
         assert_eq!(q.push(item(3, 0), None, false), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn the_reader_leaves_a_quarter_for_guest_copies() {
+        // Room for 8 data clusters: the reader's push stops after 6, guest
+        // copies may still add 2, and the third waits.
+        let q = Arc::new(CaptureQueue::new(8 * (CLUSTER_SIZE + ITEM_OVERHEAD), None));
+        let q2 = Arc::clone(&q);
+        let reader = std::thread::spawn(move || {
+            let mut items: Vec<Captured> = (0..7).map(|n| item(n, 16)).collect();
+            q2.push_all(&mut items)
+        });
+        let six = 6 * (CLUSTER_SIZE + ITEM_OVERHEAD);
+        while q.bytes() < six {
+            std::thread::yield_now();
+        }
+        let soon = || Some(Instant::now() + Duration::from_millis(30));
+        assert_eq!(q.push(item(100, 16), soon(), false), Ok(Pushed::Memory));
+        assert_eq!(q.push(item(101, 16), soon(), false), Ok(Pushed::Memory));
+        assert_eq!(
+            q.push(item(102, 16), soon(), false),
+            Err(PushError::Timeout)
+        );
+        // The reader's seventh is still waiting: it may not use the reserve.
+        assert_eq!(q.bytes(), six + 2 * (CLUSTER_SIZE + ITEM_OVERHEAD));
+        assert!(!reader.is_finished());
+        // One batch taken (half the capacity): the reader's seventh fits
+        // below its share again, after the guest copies.
+        let mut out = Vec::new();
+        assert!(q.pop_batch(&mut out).unwrap());
+        reader.join().unwrap().unwrap();
+        q.close();
+        while q.pop_batch(&mut out).unwrap() {}
+        let order: Vec<u32> = out.iter().map(|c| c.cluster_num).collect();
+        assert_eq!(order, [0, 1, 2, 3, 4, 5, 100, 101, 6]);
     }
 
     #[test]

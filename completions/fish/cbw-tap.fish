@@ -36,7 +36,7 @@ complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l state-dir -d '
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -l assume-raw -d 'Serve images that start like qcow2, VMDK, VHDX, VDI, QED or VHD as raw disks all the same (a guest may write such bytes to its own disk\'s first sector; without this the next serve refuses it)'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l control -d 'The server\'s control socket' -r -F
-complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l buffer -d 'Captured clusters that may wait for the consumer, e.g. 64M' -r
+complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l buffer -d 'Captured clusters that may wait for the consumer, e.g. 64M (the background reader fills at most three quarters: the rest is kept for copies before guest writes)' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l bwlimit -d 'Limit the background reader to SIZE bytes per second, e.g. 200M (copy-before-write is never limited)' -r
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l fleecing -d 'Fleecing: when the buffer is full, copy-before-write puts old clusters into FILE (created, mode 0600, removed at the end; must not exist) instead of making the guest wait' -r -F
 complete -c cbw-tap -n "__fish_cbw_tap_using_subcommand backup" -l cbw-timeout -d 'How long a guest write may wait for its copy when the buffer is full; also how long the consumer may stall' -r
