@@ -11,9 +11,10 @@
 #    consumer that keeps up; most writes hit uncopied clusters and pay
 #    the copy-before-write). Ratio = during / without. Only writes timed
 #    while the backup runs count (rounds of $CHUNK, see rounds()); with
-#    SIZE >= 2G a full-speed backup lasts long enough for most of them. Four backups: the
+#    SIZE >= 2G a full-speed backup lasts long enough for most of them. Five backups: the
 #    pipeline at full speed and normal priority (it takes both cores of a
-#    2-core machine), the consumer at SCHED_IDLE (chrt --idle), the
+#    2-core machine), the same confined to the last CPU (`--cpus N`, the
+#    consumer under `taskset -c N`), the consumer at SCHED_IDLE (chrt --idle), the
 #    consumer processes at nice 10, and the reader limited with --bwlimit
 #    (default 256M per second, $BWLIMIT).
 #    qemu-io opens the export with cache mode $LAT_CACHE (default
@@ -62,7 +63,7 @@ section() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if [ -n "${BIN:-}" ]; then VMA_BIN=$BIN; fi
 . "$root/scripts/vma-bin.sh"
 bin=$VMA_BIN
-for t in qemu-img qemu-nbd qemu-io python3 /usr/bin/time chrt; do
+for t in qemu-img qemu-nbd qemu-io python3 /usr/bin/time chrt taskset; do
   command -v $t >/dev/null || { echo "needs $t (apt-get install qemu-utils python3)" >&2; exit 3; }
 done
 
@@ -203,6 +204,9 @@ scenario() { # label nice-prefix seed [backup flags]
   echo "$stats"
 }
 scenario "backup at full speed" "" 10
+# The backup's own work on one CPU (the last), the guest on the others.
+cpu=$(( $(nproc) - 1 ))
+scenario "full speed, --cpus $cpu" "taskset -c $cpu" 50 "--cpus $cpu"
 scenario "backup, consumer SCHED_IDLE" "chrt --idle 0" 40
 scenario "backup, consumer at nice 10" "nice -n 10" 20
 scenario "backup, nice 10, --bwlimit $BWLIMIT" "nice -n 10" 30 "--bwlimit $BWLIMIT"

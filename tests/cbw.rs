@@ -1281,3 +1281,119 @@ fn clients_holding_large_reads_do_not_blow_up_the_server() {
     let out = tap.qemu_io("disk", &["read -P 0x61 0 4096".to_string()]);
     assert_qemu_io_ok(&out, "read after the big readers left");
 }
+
+/// `Cpus_allowed_list` of a process or thread (`/proc/…/status`).
+fn cpus_allowed(status: &Path) -> String {
+    fs::read_to_string(status)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn cpus_bind_the_backup_threads_and_the_consumer_only() {
+    let mut rng = Rng::new(31);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("a.raw");
+    let data = make_image(&img, 4 << 20, &mut rng);
+    let tap = Tap::start(d, &[("a", &img)]);
+    let everywhere = cpus_allowed(Path::new("/proc/self/status"));
+    // The last CPU we may use (the whole list on a 1-CPU machine).
+    let cpu = everywhere.rsplit([',', '-']).next().unwrap().to_string();
+    let (seen, go, archive) = (d.join("seen"), d.join("go"), d.join("vm.vma"));
+    // A consumer that notes where it may run, then takes nothing until
+    // told: meanwhile the server's backup threads are there to look at.
+    let script = format!(
+        "grep ^Cpus_allowed_list: /proc/$$/status > '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; exec '{}' -o '{}' -",
+        seen.display(),
+        go.display(),
+        common::bin("vma-encode").display(),
+        archive.display()
+    );
+    let backup = Command::new(common::bin("cbw-tap"))
+        .args(["backup", "--control"])
+        .arg(&tap.ctl)
+        .args([
+            "--cpus", &cpu, "--buffer", "256K", "--", "sh", "-c", &script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let serve = PathBuf::from(format!("/proc/{}/task", tap.child.id()));
+    let threads = |name: &str| -> Vec<PathBuf> {
+        fs::read_dir(&serve)
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.unwrap().path();
+                let comm = fs::read_to_string(t.join("comm")).ok()?;
+                (comm.trim() == name).then(|| t.join("status"))
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    while !seen.exists() || threads("cbw-reader").is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no backup threads");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The reader and the stream writer are bound once they start.
+    thread::sleep(Duration::from_millis(200));
+    for name in ["cbw-reader", "cbw-backup"] {
+        let found = threads(name);
+        assert_eq!(found.len(), 1, "{name}");
+        assert_eq!(cpus_allowed(&found[0]), cpu, "{name}");
+    }
+    // The threads serving guests are not.
+    for name in ["nbd-accept", "cbw-control"] {
+        for t in threads(name) {
+            assert_eq!(cpus_allowed(&t), everywhere, "{name}");
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(&seen).unwrap().split_whitespace().nth(1),
+        Some(cpu.as_str())
+    );
+    fs::write(&go, "").unwrap();
+    let out = backup.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    decode(&archive, &d.join("out"));
+    assert!(same(&fs::read(d.join("out/disk-a.raw")).unwrap(), &data));
+
+    // CPUs we may not use are refused before anything starts, by name.
+    let out = Command::new(common::bin("cbw-tap"))
+        .args(["backup", "--control"])
+        .arg(&tap.ctl)
+        .args(["--cpus", "1023"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "cbw-tap backup: --cpus 1023: CPU 1023 is not available (this process may use CPUs {everywhere})\n"
+        )
+    );
+    let out = Command::new(common::bin("cbw-tap"))
+        .args(["backup", "--control"])
+        .arg(&tap.ctl)
+        .args(["--cpus", "2-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "error: invalid value '2-1' for '--cpus <LIST>': \"2-1\": a range must not end below its start\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

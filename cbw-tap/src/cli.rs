@@ -32,6 +32,7 @@ Examples:
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
   cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --incremental --uuid-from vm100 -- vma-encode --base mon.vma -o tue.vma -
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --cpus 3 -- sh -c 'vma-encode - | zstd > vm100.vma.zst'
 
 A nightly job with retention and verification: examples/backup-cron.sh.";
 
@@ -102,6 +103,12 @@ pub enum Cmd {
         /// (copy-before-write is never limited).
         #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
         bwlimit: Option<usize>,
+        /// Run the backup's own work on these CPUs only (`taskset -c` list,
+        /// e.g. 1 or 0,2-3): the server's background reader and stream
+        /// writer, and CONSUMER; guest I/O keeps the other CPUs. A consumer
+        /// in a pipe: `taskset -c LIST vma-encode -`.
+        #[arg(long, value_name = "LIST", value_parser = crate::cpus::CpuList::parse)]
+        cpus: Option<crate::cpus::CpuList>,
         /// Fleecing: when the buffer is full, copy-before-write puts old
         /// clusters into FILE (created, mode 0600, removed at the end; must
         /// not exist) instead of making the guest wait.

@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod cpus;
 pub mod engine;
 pub mod lock;
 pub mod output;

@@ -39,6 +39,7 @@ fn main() {
             control,
             buffer,
             bwlimit,
+            cpus,
             fleecing,
             cbw_timeout,
             on_cbw_error,
@@ -60,6 +61,18 @@ fn main() {
                     cbw_tap::MIN_BUFFER
                 );
                 std::process::exit(exit::USAGE);
+            }
+            // Our own threads (the progress watcher) and the consumer we run
+            // inherit the binding; the server binds its backup threads.
+            if let Some(cpus) = &cpus {
+                let bound = cpus
+                    .check_available()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| cpus.bind_current_thread().map_err(|e| e.to_string()));
+                if let Err(e) = bound {
+                    eprintln!("cbw-tap backup: --cpus {cpus}: {e}");
+                    std::process::exit(exit::USAGE);
+                }
             }
             let client = BackupClient {
                 control,
@@ -84,6 +97,7 @@ fn main() {
                         .as_deref()
                         .map(vma_format::identity::uuid_from_name),
                     confirm: !consumer.is_empty(),
+                    cpus,
                 },
                 pre,
                 post,

@@ -864,3 +864,26 @@ fn abort_wakes_a_pacing_reader() {
     );
     engine.end(&backup);
 }
+
+#[test]
+fn a_backup_on_cpus_the_server_may_not_use_is_refused_before_the_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    make_image(&img, 4 * CS, &mut Rng::new(3), 0..0);
+    let engine = Engine::new(vec![("a".into(), open(&img))]);
+    let allowed = cbw_tap::cpus::CpuList::allowed().unwrap();
+    let options = BackupOptions {
+        cpus: cbw_tap::cpus::CpuList::new([1023]),
+        ..BackupOptions::default()
+    };
+    assert_eq!(
+        engine.begin(options).unwrap_err().to_string(),
+        format!("cpus: CPU 1023 is not available (this process may use CPUs {allowed})")
+    );
+    // Nothing began: a backup on CPUs it may use starts at once.
+    let options = BackupOptions {
+        cpus: Some(allowed),
+        ..BackupOptions::default()
+    };
+    engine.begin(options).unwrap().abort("test over");
+}

@@ -6,7 +6,7 @@
 //! 1. client → server: the request,
 //!    `{"request":"backup","buffer":BYTES,"cbw_timeout":SECONDS,"policy":"break-snapshot","bwlimit":BYTES_PER_SECOND}`
 //!    (every field but `request` optional; `bwlimit` null or absent: none;
-//!    optional `"fleecing":"/ABSOLUTE/PATH"`), sent with the client's
+//!    optional `"fleecing":"/ABSOLUTE/PATH"` and `"cpus":"0,2-3"`), sent with the client's
 //!    stdout attached (`SCM_RIGHTS`): the server writes the cluster stream
 //!    straight into it, so no byte of the stream passes through the client;
 //! 2. server → client: `{"ok":true,"time":UNIX_TIME,"devices":[{"name":…,"size":…}],"bytes":B}`
@@ -76,6 +76,9 @@ pub struct Request {
     /// final status: only then is the backup completed (see step 4).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub confirm: bool,
+    /// `--cpus`, as `taskset -c` writes it (`0,2-3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
 }
 
 /// A device of the backup, in the reply.
@@ -161,6 +164,9 @@ pub enum RequestError {
     /// A bad `uuid`.
     #[error("uuid must be 32 hex digits")]
     Uuid,
+    /// A bad `cpus`.
+    #[error("cpus: {0}")]
+    Cpus(#[from] crate::cpus::CpuListError),
 }
 
 /// `b` as lowercase hex.
@@ -225,6 +231,7 @@ pub fn request(options: &BackupOptions) -> Request {
         incremental: options.incremental,
         uuid: options.uuid.map(|u| hex(&u)),
         confirm: options.confirm,
+        cpus: options.cpus.as_ref().map(ToString::to_string),
     }
 }
 
@@ -265,6 +272,9 @@ pub fn parse_request(line: &[u8]) -> Result<BackupOptions, RequestError> {
     if let Some(u) = r.uuid {
         o.uuid = Some(unhex16(&u).ok_or(RequestError::Uuid)?);
     }
+    if let Some(c) = r.cpus {
+        o.cpus = Some(crate::cpus::CpuList::parse(&c)?);
+    }
     Ok(o)
 }
 
@@ -283,11 +293,14 @@ mod tests {
             incremental: true,
             uuid: Some([0xa5; 16]),
             confirm: true,
+            cpus: crate::cpus::CpuList::new([0, 2, 3]),
         };
         let line = line_of(&request(&o)).unwrap();
         let back = parse_request(&line).unwrap();
         assert!(back.incremental);
         assert!(back.confirm);
+        assert!(String::from_utf8_lossy(&line).contains(r#""cpus":"0,2-3""#));
+        assert_eq!(back.cpus, o.cpus);
         assert_eq!(back.uuid, Some([0xa5; 16]));
         assert_eq!(
             (back.buffer, back.cbw_timeout, back.policy, back.bwlimit),
@@ -318,6 +331,10 @@ mod tests {
         assert_eq!(
             bad(r#"{"request":"backup","bwlimit":0}"#),
             RequestError::Bwlimit
+        );
+        assert_eq!(
+            bad(r#"{"request":"backup","cpus":"1-x"}"#).to_string(),
+            r#"cpus: "1-x" is not a CPU list (CPU numbers and ranges, e.g. 1 or 0,2-3)"#
         );
         assert!(matches!(bad("nope"), RequestError::Malformed(_)));
         // Absent and null fields are the defaults.

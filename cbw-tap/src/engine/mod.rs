@@ -130,6 +130,10 @@ pub struct BackupOptions {
     /// client saw its consumer succeed), not as soon as the stream is
     /// finished.
     pub confirm: bool,
+    /// `--cpus`: the CPUs the background reader and the stream writer run
+    /// on (`None`: any), so that guest I/O keeps the others. Copies before
+    /// guest writes run in the guest's request, wherever it runs.
+    pub cpus: Option<crate::cpus::CpuList>,
 }
 
 impl Default for BackupOptions {
@@ -143,6 +147,7 @@ impl Default for BackupOptions {
             incremental: false,
             uuid: None,
             confirm: false,
+            cpus: None,
         }
     }
 }
@@ -274,6 +279,10 @@ impl Engine {
                 "buffer of {} bytes is smaller than the minimum {MIN_BUFFER}",
                 options.buffer
             )));
+        }
+        if let Some(cpus) = &options.cpus {
+            cpus.check_available()
+                .map_err(|e| BeginError::Invalid(format!("cpus: {e}")))?;
         }
         let mut busy = lock(&self.busy);
         if busy.as_ref().is_some_and(|b| b.is_over()) {

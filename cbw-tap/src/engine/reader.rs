@@ -42,7 +42,7 @@ impl Backup {
             }
         }
         let mut guard = Guard(self, false);
-        lower_thread_priority();
+        self.enter_background_thread();
         let mut pacer = self
             .options
             .bwlimit
@@ -288,6 +288,20 @@ impl Clock for NapClock<'_> {
 /// values are per thread). Best effort; failure changes nothing else.
 pub(super) fn lower_thread_priority() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+}
+
+impl Backup {
+    /// Sets up the calling thread (background reader, stream writer) for
+    /// backup work: [`lower_thread_priority`], and bound to `--cpus` if
+    /// given ([`Engine::begin`](super::Engine::begin) checked that the
+    /// server may use them; should one have gone offline since, the thread
+    /// runs where it may).
+    pub(super) fn enter_background_thread(&self) {
+        lower_thread_priority();
+        if let Some(cpus) = &self.options.cpus {
+            let _ = cpus.bind_current_thread();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 
-use super::reader::lower_thread_priority;
 use super::{Aborted, Backup, CaptureSink};
 use crate::queue::Captured;
 
@@ -12,10 +11,10 @@ impl Backup {
     /// finishes the sink — or, if the backup was aborted, aborts the sink
     /// with the reason. A sink error (the consumer is gone) aborts the
     /// backup. Returns why it was aborted unless the sink was finished.
-    /// Like the reader, the calling thread gets nice 10 for the rest of its
-    /// life (backup work yields to guest I/O).
+    /// Like the reader, the calling thread gets nice 10 (backup work yields
+    /// to guest I/O) and the backup's `--cpus` for the rest of its life.
     pub fn run_writer<S: CaptureSink>(&self, mut sink: S) -> Result<(), Aborted> {
-        lower_thread_priority();
+        self.enter_background_thread();
         let mut emitted = 0u64;
         let mut batch: Vec<Captured> = Vec::new();
         let drained = loop {
