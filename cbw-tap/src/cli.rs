@@ -29,10 +29,9 @@ Running it as a systemd service, and a Proxmox VM's args: line: docs/DEPLOY.md."
 const BACKUP_EXAMPLES: &str = "\
 Examples:
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl | vma-encode -c qemu-server.conf=/etc/pve/qemu-server/100.conf - | zstd > vm100.vma.zst
-  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --bwlimit 200M --fleecing /var/tmp/vm100.fleece | vma-encode - > vm100.vma
+  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --cpus 3 --fleecing /var/tmp/vm100.fleece | taskset -c 3 vma-encode - > vm100.vma
   cbw-tap backup -v --json --control /run/cbw-tap/100/nbd.sock.ctl 2>backup.log | vma-encode - | zstd > vm100.vma.zst
   cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --incremental --uuid-from vm100 -- vma-encode --base mon.vma -o tue.vma -
-  cbw-tap backup --control /run/cbw-tap/100/nbd.sock.ctl --cpus 3 -- sh -c 'vma-encode - | zstd > vm100.vma.zst'
 
 A nightly job with retention and verification: examples/backup-cron.sh.";
 
