@@ -36,7 +36,8 @@ const LINGER: Duration = Duration::from_millis(20);
 
 /// One captured cluster: its place, its mask, and a buffer whose first
 /// `mask.data_len()` bytes are the stored blocks (the rest is left over
-/// from earlier use). Zero clusters have no buffer.
+/// from earlier use), with the checksum of its cluster-stream record.
+/// Zero clusters have no buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Captured {
     /// Device id (1-based).
@@ -46,23 +47,40 @@ pub struct Captured {
     /// Stored 4 KiB blocks.
     pub mask: BlockMask,
     buf: Vec<u8>,
+    record_crc: u32,
 }
 
 impl Captured {
     /// A cluster whose stored blocks are the first `mask.data_len()` bytes
     /// of `buf` (a buffer from [`CaptureQueue::take_buffer`], or empty for
-    /// an empty mask).
+    /// an empty mask). Its record checksum is computed here, by the thread
+    /// that captured it, while the data it just read and packed is still
+    /// in the CPU's cache (the stream writer would read it from memory
+    /// again).
     ///
     /// # Panics
     /// If `buf` is shorter than the mask says.
     pub fn new(dev_id: u8, cluster_num: u32, mask: BlockMask, buf: Vec<u8>) -> Captured {
         assert!(buf.len() >= mask.data_len(), "buffer shorter than its mask");
+        let record_crc = vma_format::stream::cluster_record_crc(&Cluster {
+            dev_id,
+            cluster_num,
+            mask,
+            data: &buf[..mask.data_len()],
+        });
         Captured {
             dev_id,
             cluster_num,
             mask,
             buf,
+            record_crc,
         }
+    }
+
+    /// The checksum of its cluster-stream record
+    /// ([`vma_format::stream::cluster_record_crc`]).
+    pub fn record_crc(&self) -> u32 {
+        self.record_crc
     }
 
     /// An all-zero cluster (nothing stored, no buffer).

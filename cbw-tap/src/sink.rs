@@ -38,9 +38,13 @@ impl<W: Write> CaptureSink for StreamSink<W> {
         self.writer.write_cluster(cluster).map_err(to_io)
     }
 
-    /// One `writev` for many records, each body in place.
-    fn clusters<'a>(&mut self, clusters: impl Iterator<Item = Cluster<'a>>) -> io::Result<()> {
-        self.writer.write_clusters(clusters).map_err(to_io)
+    /// One `writev` for many records, each body in place, with the
+    /// checksums computed at capture.
+    fn clusters<'a>(
+        &mut self,
+        clusters: impl Iterator<Item = (Cluster<'a>, u32)>,
+    ) -> io::Result<()> {
+        self.writer.write_clusters_with_crc(clusters).map_err(to_io)
     }
 
     fn finish(self) -> io::Result<()> {

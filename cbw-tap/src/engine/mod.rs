@@ -157,11 +157,15 @@ impl Default for BackupOptions {
 pub trait CaptureSink {
     /// Takes one captured cluster.
     fn cluster(&mut self, cluster: &Cluster<'_>) -> io::Result<()>;
-    /// Takes several captured clusters, in order (the stream sink writes
-    /// them with one `writev`); by default one [`cluster`](Self::cluster)
-    /// each.
-    fn clusters<'a>(&mut self, clusters: impl Iterator<Item = Cluster<'a>>) -> io::Result<()> {
-        for c in clusters {
+    /// Takes several captured clusters, in order, each with the checksum
+    /// of its cluster-stream record ([`crate::queue::Captured::record_crc`];
+    /// the stream sink writes them with one `writev`); by default one
+    /// [`cluster`](Self::cluster) each.
+    fn clusters<'a>(
+        &mut self,
+        clusters: impl Iterator<Item = (Cluster<'a>, u32)>,
+    ) -> io::Result<()> {
+        for (c, _) in clusters {
             self.cluster(&c)?;
         }
         Ok(())

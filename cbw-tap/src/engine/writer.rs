@@ -22,7 +22,8 @@ impl Backup {
                 Err(e) => break Err(e.to_string()),
                 Ok(false) => break Ok(()),
                 Ok(true) => {
-                    let written = sink.clusters(batch.iter().map(Captured::as_cluster));
+                    let written =
+                        sink.clusters(batch.iter().map(|c| (c.as_cluster(), c.record_crc())));
                     if written.is_ok() {
                         emitted += batch.len() as u64;
                         self.counters

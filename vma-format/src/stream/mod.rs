@@ -30,7 +30,7 @@ mod tests;
 mod writer;
 
 pub use reader::StreamReader;
-pub use writer::{StreamWriter, BATCH_BYTES, BATCH_SLICES};
+pub use writer::{cluster_record_crc, StreamWriter, BATCH_BYTES, BATCH_SLICES};
 
 /// Magic number at the start of every cluster stream.
 pub const MAGIC: [u8; 8] = *b"VMACSTRM";

@@ -499,6 +499,36 @@ fn write_clusters_writes_the_bytes_write_cluster_does() {
         assert_eq!(many.counts(), &[700]);
         assert!(many.finish().unwrap() == one, "chunks of {chunk}");
     }
+    // With the checksums given (as a producer computes them at capture):
+    // the same bytes, whose checksums the reader checks.
+    let mut given = StreamWriter::new(Vec::new(), 7, &devs).unwrap();
+    given
+        .write_clusters_with_crc(clusters.iter().map(|c| {
+            let c = c.as_cluster();
+            (c, super::cluster_record_crc(&c))
+        }))
+        .unwrap();
+    assert!(given.finish().unwrap() == one);
+    // Every record passes the reader's checksum check (the stream is not
+    // complete: only its end refuses it).
+    let mut r = StreamReader::new(&one[..]).unwrap();
+    for _ in 0..700 {
+        assert!(r.next_cluster().unwrap().is_some());
+    }
+}
+
+/// A checksum that is not the record's is caught before it is written
+/// (debug builds; release builds write what they are given, and every
+/// reader refuses the record).
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "wrong record checksum")]
+fn write_clusters_with_crc_refuses_a_wrong_checksum_in_debug_builds() {
+    let devs = vec![StreamDevice::new("drive-scsi0", 16 * CLUSTER_SIZE as u64)];
+    let c = cluster(1, 2, 0x0f0f);
+    let mut w = StreamWriter::new(Vec::new(), 7, &devs).unwrap();
+    let wrong = super::cluster_record_crc(&c.as_cluster()) ^ 1;
+    let _ = w.write_clusters_with_crc([(c.as_cluster(), wrong)]);
 }
 
 #[test]

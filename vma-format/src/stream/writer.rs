@@ -113,6 +113,21 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         clusters: impl IntoIterator<Item = Cluster<'a>>,
     ) -> Result<(), Error> {
+        self.write_clusters_with_crc(clusters.into_iter().map(|c| {
+            let crc = cluster_record_crc(&c);
+            (c, crc)
+        }))
+    }
+
+    /// [`write_clusters`](Self::write_clusters) for a producer that has
+    /// each record's checksum already: `(cluster, cluster_record_crc(&cluster))`
+    /// — computed where the data was captured, while it was in the cache,
+    /// instead of here from memory again. A wrong checksum writes a record
+    /// every reader refuses (debug builds check it here).
+    pub fn write_clusters_with_crc<'a>(
+        &mut self,
+        clusters: impl IntoIterator<Item = (Cluster<'a>, u32)>,
+    ) -> Result<(), Error> {
         if self.failed {
             return Err(Error::invalid("stream writer failed earlier"));
         }
@@ -127,10 +142,11 @@ impl<W: Write> StreamWriter<W> {
                 && bytes < BATCH_BYTES
                 && self.buf.len() + GLUE <= self.buf.capacity()
             {
-                let Some(cluster) = clusters.next() else {
+                let Some((cluster, crc)) = clusters.next() else {
                     done = true;
                     break;
                 };
+                debug_assert_eq!(crc, cluster_record_crc(&cluster), "wrong record checksum");
                 let head = match self.cluster_header(&cluster) {
                     Ok(head) => head,
                     Err(e) => {
@@ -144,10 +160,7 @@ impl<W: Write> StreamWriter<W> {
                     bodies[n] = cluster.data;
                     n += 1;
                 }
-                let mut crc = crc32fast::Hasher::new();
-                crc.update(&head);
-                crc.update(cluster.data);
-                self.buf.extend_from_slice(&crc.finalize().to_be_bytes());
+                self.buf.extend_from_slice(&crc.to_be_bytes());
                 bytes += RECORD_HEADER_SIZE + cluster.data.len() + 4;
             }
             self.write_glued(&bodies[..n], &cuts[..n]).map_err(|e| {
@@ -329,4 +342,22 @@ fn write_all_vectored<W: Write>(out: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io
 
 fn write_error(e: io::Error) -> Error {
     Error::io(None, "write failed", e)
+}
+
+/// The checksum of `cluster`'s record in a cluster stream: CRC-32 of its
+/// record header and its data. For
+/// [`StreamWriter::write_clusters_with_crc`]; it depends on the cluster
+/// alone (device, number, mask, data), not on the stream.
+pub fn cluster_record_crc(cluster: &Cluster<'_>) -> u32 {
+    let head = record_header(
+        RECORD_CLUSTER,
+        cluster.dev_id,
+        cluster.mask.0,
+        cluster.cluster_num,
+        cluster.data.len() as u32,
+    );
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(cluster.data);
+    crc.finalize()
 }
