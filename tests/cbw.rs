@@ -1307,8 +1307,9 @@ fn cpus_bind_the_backup_threads_and_the_consumer_only() {
     let (seen, go, archive) = (d.join("seen"), d.join("go"), d.join("vm.vma"));
     // A consumer that notes where it may run, then takes nothing until
     // told: meanwhile the server's backup threads are there to look at.
+    // (It gives up after 30 s, should the test fail before it tells it.)
     let script = format!(
-        "grep ^Cpus_allowed_list: /proc/$$/status > '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; exec '{}' -o '{}' -",
+        "grep ^Cpus_allowed_list: /proc/$$/status > '{}'; i=0; while [ ! -e '{}' ]; do [ $i -lt 3000 ] || exit 1; i=$((i+1)); sleep 0.01; done; exec '{}' -o '{}' -",
         seen.display(),
         go.display(),
         common::bin("vma-encode").display(),
