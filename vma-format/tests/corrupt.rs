@@ -1435,3 +1435,39 @@ fn salvage_of_a_device_missing_every_other_cluster_stays_within_its_memory_bound
     let last = 2 * PRESENT as u64 - 2;
     assert_eq!(m.ranges().last(), Some(last..last + 1));
 }
+
+/// The data checksum is computed piece by piece as the data is read (128
+/// KiB at a time): a changed byte in any piece — the first, either side
+/// of a piece boundary, the last — fails it.
+#[test]
+fn a_changed_byte_anywhere_in_an_extent_fails_its_data_checksum() {
+    let bytes = build(true);
+    let (off, len) = extents(&bytes)[0];
+    let data = off + EXTENT_HEADER_SIZE;
+    let data_len = len - EXTENT_HEADER_SIZE;
+    assert!(data_len > 3 * 128 * 1024, "the extent spans several pieces");
+    for at in [
+        0,
+        128 * 1024 - 1,
+        128 * 1024,
+        2 * 128 * 1024 + 7,
+        data_len - 1,
+    ] {
+        let mut bad = bytes.clone();
+        bad[data + at] ^= 0x80;
+        let Err(e) = read_with(&bad, false) else {
+            panic!("byte {at} of the data changed, and the archive passed");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("extent 0 at byte {off}: data checksum mismatch"),
+            "byte {at} of the data"
+        );
+    }
+    // Unchanged, it passes.
+    let (summary, _) = read_with(&bytes, false).unwrap();
+    assert_eq!(
+        summary.data_checksums.verified,
+        extents(&bytes).len() as u64
+    );
+}
