@@ -4,9 +4,10 @@
 //! A full-speed backup keeps every CPU it may use busy (the server's
 //! background reader and stream writer, the consumer behind them). Nice
 //! values do not keep a guest write from waiting behind them: on a 2-core
-//! machine, guest write p99 was 3.9–4.9 × idle during a full-speed
-//! backup and 3.6–4.5 × with the consumer at nice 10, but 0.9–1.5 × with
-//! the backup confined to one CPU (`benches/cbw.sh`, 8 GiB image). The list is the `taskset -c` one: CPU numbers and
+//! machine, guest write p99 was 3.9–5.6 × idle during a full-speed
+//! backup and 3.6–4.5 × with the consumer at nice 10, but 0.9–1.8 × with
+//! the backup confined to one CPU (`benches/cbw.sh`, 8 GiB image, three
+//! runs). The list is the `taskset -c` one: CPU numbers and
 //! ranges, comma-separated (`1`, `0,2-3`).
 
 use std::fmt;
