@@ -7,8 +7,8 @@
 //! machine, guest write p99 was 3.9–5.6 × idle during a full-speed
 //! backup and 3.6–4.5 × with the consumer at nice 10, but 0.9–1.8 × with
 //! the backup confined to one CPU (`benches/cbw.sh`, 8 GiB image, three
-//! runs). The list is the `taskset -c` one: CPU numbers and
-//! ranges, comma-separated (`1`, `0,2-3`).
+//! runs). The list is the `taskset -c` one: CPU numbers and ranges,
+//! comma-separated (`1`, `0,2-3`).
 
 use std::fmt;
 
@@ -72,7 +72,9 @@ impl CpuList {
         Ok(CpuList::from_numbers(cpus))
     }
 
-    /// The list of `cpus` (sorted and deduplicated here), `None` if empty.
+    /// The list of `cpus` (sorted and deduplicated here). Numbers no
+    /// affinity mask can hold (from [`CpuSet::MAX_CPU`] on) are left out;
+    /// `None` if nothing is left.
     pub fn new(cpus: impl IntoIterator<Item = usize>) -> Option<CpuList> {
         let list = CpuList::from_numbers(cpus.into_iter().filter(|&c| c < CpuSet::MAX_CPU));
         (!list.0.is_empty()).then_some(list)
@@ -191,6 +193,8 @@ mod tests {
             Err(CpuListError::TooLarge("99999999999999999999999".into()))
         );
         assert_eq!(CpuList::new([]), None);
+        assert_eq!(CpuList::new([max]), None);
+        assert_eq!(CpuList::new([max, 4]).unwrap().cpus(), [4]);
         assert_eq!(CpuList::new([2, 2, 1]).unwrap().cpus(), [1, 2]);
     }
 
